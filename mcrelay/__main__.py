@@ -1,0 +1,3 @@
+from mcrelay.cli import main
+
+main()
