@@ -1,1 +1,1 @@
-"""system"""
+"""Operating-system glue: logging, privileges, process names, systemd."""

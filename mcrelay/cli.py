@@ -1,0 +1,347 @@
+"""The ``mcrelay`` command: the daemon, the client commands, and the traffic tools.
+
+Each command is synchronous and runs trio itself. Errors reach the user as one line on stderr
+and a non-zero exit code, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mcrelay import client, config
+from mcrelay import rules as rules_mod
+from mcrelay.errors import McrelayError
+from mcrelay.ipc import messages as m
+from mcrelay.supervisor.settings import DEFAULT_CONTROL_SOCKET
+from mcrelay.system.logs import LOG_LEVELS
+
+app = typer.Typer(
+    name="mcrelay",
+    help="Relay multicast UDP across boundaries that kernel routing cannot cross.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+config_app = typer.Typer(help="Show, check, load and save rule files (TOML).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+SocketOpt = Annotated[
+    Path,
+    typer.Option(
+        "--socket",
+        envvar="MCRELAY_SOCKET",
+        help="Control socket of the daemon.",
+        show_default=True,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"mcrelay: {message}", err=True)
+    return typer.Exit(code=code)
+
+
+def _call(socket_path: Path, request: m.ClientRequest) -> Any:
+    try:
+        return client.call(socket_path, request)
+    except McrelayError as exc:
+        raise fail(str(exc)) from None
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=False))
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [headers] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+# --- the daemon -------------------------------------------------------------------------------
+
+
+@app.command()
+def supervisor(
+    control_socket: Annotated[
+        Path, typer.Option(help="Where to create the control socket.")
+    ] = DEFAULT_CONTROL_SOCKET,
+    num_workers: Annotated[
+        int | None, typer.Option(help="Data-plane workers [default: number of CPUs].", min=1)
+    ] = None,
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="Load rules from this TOML file at start.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help=f"One of {', '.join(LOG_LEVELS)}.")] = "info",
+    exit_on_fatal: Annotated[
+        bool, typer.Option(help="Exit non-zero when a worker exceeds its restart intensity.")
+    ] = False,
+    backoff_initial: Annotated[
+        float, typer.Option(help="First restart delay, seconds.", min=0.001)
+    ] = 0.25,
+    backoff_max: Annotated[
+        float, typer.Option(help="Restart delay cap, seconds.", min=0.001)
+    ] = 16.0,
+    stable_after: Annotated[
+        float, typer.Option(help="Run time after which the restart delay resets, seconds.", min=0)
+    ] = 30.0,
+    heartbeat_timeout: Annotated[
+        float, typer.Option(help="A worker silent this long is killed, seconds.", min=0.1)
+    ] = 3.0,
+    max_failures: Annotated[
+        int, typer.Option(help="Failures within --failure-window that make a worker fatal.", min=1)
+    ] = 10,
+    failure_window: Annotated[
+        float, typer.Option(help="Window for --max-failures, seconds.", min=1)
+    ] = 60.0,
+) -> None:
+    """Run the daemon in the foreground (systemd does the daemonizing)."""
+    import trio
+
+    from mcrelay.supervisor.backoff import BackoffPolicy
+    from mcrelay.supervisor.dataplane import KernelDataPlane
+    from mcrelay.supervisor.main import serve
+    from mcrelay.supervisor.settings import SupervisorSettings
+    from mcrelay.system.logs import setup_logging
+
+    if log_level not in LOG_LEVELS:
+        raise typer.BadParameter(f"use one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+    if backoff_max < backoff_initial:
+        raise typer.BadParameter("must be at least --backoff-initial", param_hint="--backoff-max")
+    setup_logging(log_level, "mcrelay: supervisor")
+    try:
+        initial = config.load(config_file) if config_file else ()
+    except McrelayError as exc:
+        raise fail(str(exc), 2) from None
+    settings = SupervisorSettings(
+        control_socket=control_socket,
+        num_workers=num_workers or os.cpu_count() or 1,
+        backoff=BackoffPolicy(backoff_initial, backoff_max, stable_after),
+        max_failures=max_failures,
+        failure_window=failure_window,
+        exit_on_fatal=exit_on_fatal,
+        heartbeat_timeout=heartbeat_timeout,
+        heartbeat_interval=min(1.0, heartbeat_timeout / 3),
+        log_level=log_level,
+    )
+    try:
+        code = trio.run(
+            partial(serve, settings, initial_rules=initial, dataplane=KernelDataPlane())
+        )
+    except McrelayError as exc:
+        raise fail(str(exc), 2) from None
+    except OSError as exc:
+        raise fail(f"cannot start: {exc}", 2) from None
+    raise typer.Exit(code)
+
+
+# --- client commands --------------------------------------------------------------------------
+
+
+@app.command()
+def ping(socket: SocketOpt = DEFAULT_CONTROL_SOCKET) -> None:
+    """Check that the daemon answers."""
+    _call(socket, m.Ping())
+    typer.echo("pong")
+
+
+@app.command()
+def workers(socket: SocketOpt = DEFAULT_CONTROL_SOCKET, as_json: JsonOpt = False) -> None:
+    """List the worker processes and their states."""
+    result = _call(socket, m.ListWorkers())
+    if as_json:
+        _print_json(result)
+        return
+    headers = ["ID", "KIND", "PID", "STATE", "RESTARTS", "RULES", "BACKOFF"]
+    rows = [
+        [
+            w["id"],
+            w["kind"],
+            w["pid"],
+            w["state"],
+            w["restarts"],
+            w["rules"],
+            None if w["backoff_remaining_s"] is None else f"{w['backoff_remaining_s']:.2f}s",
+        ]
+        for w in result
+    ]
+    _table(headers, rows)
+
+
+@app.command()
+def add(
+    input_interface: Annotated[str, typer.Option(help="Interface the traffic arrives on.")],
+    input_group: Annotated[str, typer.Option(help="Destination group or address to capture.")],
+    input_port: Annotated[int, typer.Option(help="Destination UDP port to capture.")],
+    output: Annotated[
+        list[str],
+        typer.Option(help="ADDR:PORT:INTERFACE[:TTL] to republish to; repeat for fan-out."),
+    ],
+    input_source: Annotated[
+        str | None, typer.Option(help="Relay only packets from this source address.")
+    ] = None,
+    rule_id: Annotated[
+        str | None, typer.Option("--id", help="Rule id [default: hash of the input].")
+    ] = None,
+    socket: SocketOpt = DEFAULT_CONTROL_SOCKET,
+) -> None:
+    """Add a relay rule; prints its id."""
+    try:
+        rule = rules_mod.make_rule(
+            interface=input_interface,
+            group=input_group,
+            port=input_port,
+            source=input_source,
+            rule_id=rule_id,
+            outputs=[rules_mod.parse_output(o) for o in output],
+        )
+    except McrelayError as exc:
+        raise fail(str(exc), 2) from None
+    result = _call(socket, m.AddRule(rule=rule))
+    typer.echo(result["id"])
+
+
+@app.command()
+def remove(
+    rule_id: Annotated[str, typer.Argument(metavar="ID", help="Id of the rule to remove.")],
+    socket: SocketOpt = DEFAULT_CONTROL_SOCKET,
+) -> None:
+    """Remove a relay rule."""
+    _call(socket, m.RemoveRule(id=rule_id))
+    typer.echo(f"removed {rule_id}")
+
+
+@app.command("rules")
+def list_rules(socket: SocketOpt = DEFAULT_CONTROL_SOCKET, as_json: JsonOpt = False) -> None:
+    """List the relay rules."""
+    result = _call(socket, m.ListRules())
+    if as_json:
+        _print_json(result)
+        return
+    rows = []
+    for r in result:
+        inp = r["input"]
+        source = f" from {inp['source']}" if inp.get("source") else ""
+        outs = ", ".join(f"{o['group']}:{o['port']}:{o['interface']}" for o in r["outputs"])
+        rows.append([r["id"], f"{inp['group']}:{inp['port']} on {inp['interface']}{source}", outs])
+    _table(["ID", "INPUT", "OUTPUTS"], rows)
+
+
+@app.command()
+def stats(socket: SocketOpt = DEFAULT_CONTROL_SOCKET, as_json: JsonOpt = False) -> None:
+    """Packet counters and rates per rule and output, merged over all workers."""
+    result = _call(socket, m.GetStats())
+    if as_json:
+        _print_json(result)
+        return
+    rows = []
+    for r in result["rules"]:
+        rows.append([r["id"], "in", r["packets_in"], r["bytes_in"], "-", r["pps_in"]])
+        for o in r["outputs"]:
+            rows.append(["", o["output"], o["packets"], o["bytes"], o["errors"], o["pps"]])
+    _table(["RULE", "DIRECTION", "PACKETS", "BYTES", "ERRORS", "PPS"], rows)
+    drops = ", ".join(f"{k}={v}" for k, v in result["drops"].items() if v) or "none"
+    typer.echo(f"drops: {drops}; kernel drops: {result['kernel_drops']}")
+
+
+@app.command("log-level")
+def log_level_cmd(
+    level: Annotated[
+        str | None, typer.Argument(help=f"New level: {', '.join(LOG_LEVELS)}; omit to show.")
+    ] = None,
+    socket: SocketOpt = DEFAULT_CONTROL_SOCKET,
+) -> None:
+    """Show or change the log level of every mcrelay process."""
+    if level is not None and level not in LOG_LEVELS:
+        raise fail(f"unknown log level {level!r} (use {', '.join(LOG_LEVELS)})", 2)
+    result = _call(socket, m.LogLevel(level=level))
+    typer.echo(result["level"])
+
+
+@app.command("restart-worker")
+def restart_worker(
+    worker_id: Annotated[str, typer.Argument(metavar="ID", help="Worker id, e.g. data-0.")],
+    socket: SocketOpt = DEFAULT_CONTROL_SOCKET,
+) -> None:
+    """Restart a worker now, skipping any pending backoff."""
+    _call(socket, m.RestartWorker(id=worker_id))
+    typer.echo(f"restarting {worker_id}")
+
+
+# --- config files -----------------------------------------------------------------------------
+
+
+def _load_file(path: Path) -> tuple[rules_mod.Rule, ...]:
+    try:
+        return config.load(path)
+    except McrelayError as exc:
+        raise fail(str(exc), 2) from None
+
+
+@config_app.command("show")
+def config_show(socket: SocketOpt = DEFAULT_CONTROL_SOCKET) -> None:
+    """Print the daemon's rules as a config file."""
+    import msgspec
+
+    rules = msgspec.convert(_call(socket, m.ListRules()), tuple[rules_mod.Rule, ...])
+    typer.echo(config.dump(rules), nl=False)
+
+
+@config_app.command("check")
+def config_check(file: Annotated[Path, typer.Argument(help="TOML rule file.")]) -> None:
+    """Validate a rule file without touching the daemon."""
+    rules = _load_file(file)
+    typer.echo(f"{file}: {len(rules)} rule(s), valid")
+
+
+@config_app.command("load")
+def config_load(
+    file: Annotated[Path, typer.Argument(help="TOML rule file.")],
+    socket: SocketOpt = DEFAULT_CONTROL_SOCKET,
+) -> None:
+    """Make the daemon's rules equal to the file's; only the difference is applied."""
+    rules = _load_file(file)
+    result = _call(socket, m.ReplaceRules(rules=rules))
+    typer.echo(
+        f"{file}: {len(rules)} rule(s); {len(result['added'])} added or changed, "
+        f"{len(set(result['removed']) - set(result['added']))} removed"
+    )
+
+
+@config_app.command("save")
+def config_save(
+    file: Annotated[Path, typer.Argument(help="Where to write the TOML rule file.")],
+    socket: SocketOpt = DEFAULT_CONTROL_SOCKET,
+) -> None:
+    """Write the daemon's rules to a config file."""
+    import msgspec
+
+    rules = msgspec.convert(_call(socket, m.ListRules()), tuple[rules_mod.Rule, ...])
+    try:
+        tmp = file.with_name(file.name + ".tmp")
+        tmp.write_text(config.dump(rules), encoding="utf-8")
+        tmp.replace(file)
+    except OSError as exc:
+        raise fail(f"cannot write {file}: {exc}") from None
+    typer.echo(f"{file}: {len(rules)} rule(s) saved")
+
+
+def main() -> None:
+    """Console entry point: nothing but a one-line message escapes to the user."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # last resort: a bug must still not print a traceback
+        typer.echo(f"mcrelay: internal error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(70)

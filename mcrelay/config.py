@@ -1,0 +1,125 @@
+"""The config file: TOML, one ``[[rule]]`` table per rule, keys named like the CLI options.
+
+    [[rule]]
+    id = "camera-1"                # optional; default: a hash of interface, group, port
+    input-interface = "eth0"
+    input-group = "239.1.1.1"
+    input-port = 5000
+    input-source = "10.0.0.5"      # optional: relay only this sender's packets
+    outputs = ["239.10.1.1:5000:eth1", "10.1.2.3:6000:eth2:32"]   # ADDR:PORT:IF[:TTL]
+
+Loading is all or nothing: the first problem is reported with its line, and nothing is applied.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from mcrelay import rules as rules_mod
+from mcrelay.errors import ConfigError, RuleError
+from mcrelay.rules import DEFAULT_TTL, Rule
+
+_RULE_KEYS = {
+    "id",
+    "input-interface",
+    "input-group",
+    "input-port",
+    "input-source",
+    "outputs",
+}
+_REQUIRED = ("input-interface", "input-group", "input-port", "outputs")
+_RULE_HEADER = re.compile(r"^\s*\[\[\s*rule\s*\]\]", re.MULTILINE)
+
+
+def parse(text: str, source: str = "<config>") -> tuple[Rule, ...]:
+    """Rules from TOML text; ConfigError naming file, line and reason for the first problem."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    unknown = set(doc) - {"rule"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key(s): {', '.join(sorted(unknown))}")
+    entries = doc.get("rule", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: 'rule' must be an array of tables ([[rule]])")
+    lines = [text.count("\n", 0, m.start()) + 1 for m in _RULE_HEADER.finditer(text)]
+    result: list[Rule] = []
+    ids: set[str] = set()
+    for index, entry in enumerate(entries):
+        where = f"{source}: rule {index + 1}"
+        if index < len(lines):
+            where += f" (line {lines[index]})"
+        try:
+            rule = _rule(entry)
+        except RuleError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if rule.id in ids:
+            raise ConfigError(f"{where}: duplicate rule id {rule.id!r}")
+        ids.add(rule.id)
+        result.append(rule)
+    return tuple(result)
+
+
+def load(path: Path) -> tuple[Rule, ...]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse(text, str(path))
+
+
+def _rule(entry: Any) -> Rule:
+    if not isinstance(entry, dict):
+        raise RuleError("each rule must be a table")
+    unknown = set(entry) - _RULE_KEYS
+    if unknown:
+        raise RuleError(f"unknown key(s): {', '.join(sorted(unknown))}")
+    for key in _REQUIRED:
+        if key not in entry:
+            raise RuleError(f"missing key {key!r}")
+    outputs = entry["outputs"]
+    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+        raise RuleError("'outputs' must be a list of \"ADDR:PORT:IF[:TTL]\" strings")
+    for key in ("id", "input-interface", "input-group", "input-source"):
+        if key in entry and not isinstance(entry[key], str):
+            raise RuleError(f"{key!r} must be a string")
+    port = entry["input-port"]
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise RuleError("'input-port' must be an integer")
+    return rules_mod.make_rule(
+        interface=entry["input-interface"],
+        group=entry["input-group"],
+        port=port,
+        source=entry.get("input-source"),
+        rule_id=entry.get("id"),
+        outputs=[rules_mod.parse_output(o) for o in outputs],
+    )
+
+
+def dump(rules: tuple[Rule, ...]) -> str:
+    """TOML text that ``parse`` turns back into exactly these rules."""
+    chunks = ["# mcrelay rules (see docs/configuration.md)\n"]
+    for rule in rules:
+        lines = [
+            "[[rule]]",
+            f"id = {json.dumps(rule.id)}",
+            f"input-interface = {json.dumps(rule.input.interface)}",
+            f"input-group = {json.dumps(rule.input.group)}",
+            f"input-port = {rule.input.port}",
+        ]
+        if rule.input.source is not None:
+            lines.append(f"input-source = {json.dumps(rule.input.source)}")
+        outs = ", ".join(json.dumps(_output_text(o)) for o in rule.outputs)
+        lines.append(f"outputs = [{outs}]")
+        chunks.append("\n".join(lines) + "\n")
+    return "\n".join(chunks)
+
+
+def _output_text(output: rules_mod.Output) -> str:
+    text = f"{output.group}:{output.port}:{output.interface}"
+    return text if output.ttl == DEFAULT_TTL else f"{text}:{output.ttl}"

@@ -1,0 +1,195 @@
+"""Every message mcrelay puts on a wire, defined once, with the protocol version.
+
+Two conversations share these definitions: supervisor↔worker socketpairs and client↔control-plane
+worker connections on the control socket. Each is a tagged union (field ``t``), so a decoder
+rejects anything that is not one of its members.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from mcrelay.rules import Rule
+
+PROTOCOL_VERSION = 1
+
+WorkerKind = Literal["control", "data"]
+Role = Literal["supervisor", "control", "data", "client"]
+
+
+class _Msg(msgspec.Struct, tag_field="t", forbid_unknown_fields=True):
+    pass
+
+
+class Hello(_Msg, tag="hello"):
+    """First frame in each direction of every channel; a version mismatch ends the channel."""
+
+    version: int
+    role: Role
+    worker_id: str = ""
+    pid: int = 0
+    log_level: str = "info"
+
+
+class Heartbeat(_Msg, tag="hb"):
+    n: int
+
+
+class HeartbeatAck(_Msg, tag="hb-ack"):
+    n: int
+
+
+class RuleSync(_Msg, tag="rule-sync"):
+    """The full rule set: sent on every (re)start and whenever a digest disagrees."""
+
+    seq: int
+    rules: tuple[Rule, ...]
+
+
+class RuleUpdate(_Msg, tag="rule-update"):
+    seq: int
+    added: tuple[Rule, ...] = ()
+    removed: tuple[str, ...] = ()
+
+
+class RuleAck(_Msg, tag="rule-ack"):
+    seq: int
+    count: int
+    digest: str
+
+
+class SetLogLevel(_Msg, tag="log-level"):
+    level: str
+
+
+class Stop(_Msg, tag="stop"):
+    """Finish cleanly and exit 0; the supervisor kills whoever is still there after a grace."""
+
+
+class ListenSocket(_Msg, tag="listen-socket"):
+    """Carries the control socket's listening descriptor (one fd) to the control-plane worker."""
+
+
+class AttachCapture(_Msg, tag="attach-capture"):
+    """Carries one AF_PACKET socket (one fd) bound to ``interface``, already in its fanout group."""
+
+    interface: str
+
+
+class DetachCapture(_Msg, tag="detach-capture"):
+    interface: str
+
+
+class OutputCounters(msgspec.Struct, array_like=True):
+    packets: int = 0
+    bytes: int = 0
+    errors: int = 0
+
+
+class RuleCounters(msgspec.Struct):
+    """Counters of one rule in one worker, cumulative since that worker started."""
+
+    packets_in: int = 0
+    bytes_in: int = 0
+    #: Keyed by the output's text form (``ADDR:PORT:IF``), stable across rule edits.
+    outputs: dict[str, OutputCounters] = msgspec.field(default_factory=dict)
+
+
+class StatsReport(_Msg, tag="stats"):
+    """Pushed by data workers every interval: cumulative counters since the worker started."""
+
+    rules: dict[str, RuleCounters]
+    drops: dict[str, int]
+    kernel_drops: int = 0
+
+
+class ControlRequest(_Msg, tag="control-request"):
+    """A validated client request, forwarded by the control-plane worker."""
+
+    req_id: int
+    request: ClientRequest
+
+
+class ControlReply(_Msg, tag="control-reply"):
+    req_id: int
+    reply: Reply
+
+
+# --- client requests (control socket) ------------------------------------------------------
+
+
+class Ping(_Msg, tag="ping"):
+    pass
+
+
+class ListWorkers(_Msg, tag="workers"):
+    pass
+
+
+class AddRule(_Msg, tag="add"):
+    rule: Rule
+
+
+class RemoveRule(_Msg, tag="remove"):
+    id: str
+
+
+class ListRules(_Msg, tag="rules"):
+    pass
+
+
+class GetStats(_Msg, tag="stats-request"):
+    pass
+
+
+class LogLevel(_Msg, tag="log-level-request"):
+    """Set the level everywhere when ``level`` is given; report it either way."""
+
+    level: str | None = None
+
+
+class RestartWorker(_Msg, tag="restart-worker"):
+    id: str
+
+
+class ReplaceRules(_Msg, tag="replace-rules"):
+    """Make the table equal to ``rules``: only the difference is applied."""
+
+    rules: tuple[Rule, ...]
+
+
+class Reply(_Msg, tag="reply"):
+    ok: bool
+    result: Any = None
+    error: str | None = None
+
+
+ClientRequest = (
+    Ping
+    | ListWorkers
+    | AddRule
+    | RemoveRule
+    | ListRules
+    | GetStats
+    | LogLevel
+    | RestartWorker
+    | ReplaceRules
+)
+
+SupervisorToWorker = (
+    Hello
+    | Heartbeat
+    | RuleSync
+    | RuleUpdate
+    | SetLogLevel
+    | Stop
+    | ListenSocket
+    | AttachCapture
+    | DetachCapture
+    | ControlReply
+)
+WorkerToSupervisor = Hello | HeartbeatAck | RuleAck | StatsReport | ControlRequest
+ClientToServer = Hello | ClientRequest
+ServerToClient = Hello | Reply

@@ -1,0 +1,160 @@
+"""The rule model: what a relay rule is, how it is validated, named and digested.
+
+Defined once and used by the CLI, the config file, the control-plane worker (which validates
+untrusted input), the supervisor's rule table and the data-plane workers (which check the digest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Iterable
+
+import msgspec
+
+from mcrelay.errors import RuleError
+
+#: Multicast TTL of an output unless the rule says otherwise: enough to cross a few routers.
+DEFAULT_TTL = 16
+MAX_OUTPUTS = 64
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
+_LINK_LOCAL = ipaddress.IPv4Network("224.0.0.0/24")
+
+
+class RuleInput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    interface: str
+    group: str
+    port: int
+    source: str | None = None
+
+
+class Output(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    group: str
+    port: int
+    interface: str
+    ttl: int = DEFAULT_TTL
+
+    def __str__(self) -> str:
+        text = f"{self.group}:{self.port}:{self.interface}"
+        return text if self.ttl == DEFAULT_TTL else f"{text}:{self.ttl}"
+
+
+class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: str
+    input: RuleInput
+    outputs: tuple[Output, ...]
+
+    @property
+    def match_key(self) -> tuple[str, str, int, str | None]:
+        """Two rules with the same key would compete for the same packets."""
+        i = self.input
+        return (i.interface, i.group, i.port, i.source)
+
+
+def default_rule_id(interface: str, group: str, port: int, source: str | None = None) -> str:
+    """Stable id, so re-adding the same input yields the same name on every host."""
+    text = f"{interface}|{group}|{port}" + (f"|{source}" if source else "")
+    return "r-" + hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _address(text: str, what: str) -> ipaddress.IPv4Address:
+    try:
+        addr = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise RuleError(f"{what}: {text!r} is not an IPv4 address") from None
+    if addr.is_unspecified or addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise RuleError(f"{what}: {text} cannot be relayed")
+    if addr in _LINK_LOCAL:
+        raise RuleError(
+            f"{what}: {text} is a link-local group (224.0.0.0/24), which routers never forward "
+            "and mcrelay never relays"
+        )
+    return addr
+
+
+def _port(value: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise RuleError(f"{what}: port {value!r} is outside 1-65535")
+
+
+def _interface(name: str, what: str) -> None:
+    if not isinstance(name, str) or not _IFNAME_RE.match(name):
+        raise RuleError(f"{what}: {name!r} is not a valid interface name")
+
+
+def validate(rule: Rule) -> Rule:
+    """Raise RuleError naming the first problem; return the rule unchanged when it is valid."""
+    if not _ID_RE.match(rule.id):
+        raise RuleError(
+            f"rule id {rule.id!r}: use 1-64 letters, digits, '_', '.', ':' or '-', "
+            "starting with a letter or digit"
+        )
+    inp = rule.input
+    _interface(inp.interface, "input interface")
+    _address(inp.group, "input group")
+    _port(inp.port, "input")
+    if inp.source is not None:
+        source = _address(inp.source, "input source")
+        if source.is_multicast:
+            raise RuleError(f"input source: {inp.source} is a multicast address")
+    if not rule.outputs:
+        raise RuleError("a rule needs at least one output")
+    if len(rule.outputs) > MAX_OUTPUTS:
+        raise RuleError(f"a rule has at most {MAX_OUTPUTS} outputs")
+    seen: set[tuple[str, int, str]] = set()
+    for out in rule.outputs:
+        _interface(out.interface, f"output {out}")
+        _address(out.group, f"output {out}")
+        _port(out.port, f"output {out}")
+        if not 1 <= out.ttl <= 255:
+            raise RuleError(f"output {out}: ttl {out.ttl} is outside 1-255")
+        key = (out.group, out.port, out.interface)
+        if key in seen:
+            raise RuleError(f"output {out} is listed twice")
+        seen.add(key)
+        if key == (inp.group, inp.port, inp.interface):
+            raise RuleError(f"output {out} is the rule's own input: that would be a loop")
+    return rule
+
+
+def parse_output(text: str) -> Output:
+    """``ADDR:PORT:IF`` or ``ADDR:PORT:IF:TTL``, as typed on the command line."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise RuleError(f"output {text!r}: expected ADDR:PORT:INTERFACE[:TTL]")
+    group, port_text, interface = parts[:3]
+    try:
+        port = int(port_text)
+        ttl = int(parts[3]) if len(parts) == 4 else DEFAULT_TTL
+    except ValueError:
+        raise RuleError(f"output {text!r}: port and ttl must be numbers") from None
+    return Output(group=group, port=port, interface=interface, ttl=ttl)
+
+
+def make_rule(
+    *,
+    interface: str,
+    group: str,
+    port: int,
+    outputs: Iterable[Output],
+    source: str | None = None,
+    rule_id: str | None = None,
+) -> Rule:
+    """Build and validate a rule from user-facing fields."""
+    rule = Rule(
+        id=rule_id or default_rule_id(interface, group, port, source),
+        input=RuleInput(interface=interface, group=group, port=port, source=source),
+        outputs=tuple(outputs),
+    )
+    return validate(rule)
+
+
+_digest_encoder = msgspec.msgpack.Encoder()
+
+
+def digest(rules: Iterable[Rule]) -> str:
+    """Digest of a whole rule set, outputs included; equal sets give equal digests anywhere."""
+    ordered = sorted(rules, key=lambda r: r.id)
+    return hashlib.sha256(_digest_encoder.encode(ordered)).hexdigest()[:16]

@@ -1,0 +1,234 @@
+"""The supervisor's core: worker slots, the rule table, and what each control request does.
+
+It knows nothing about signals, sockets on disk or real processes: the launcher and the data-plane
+plumbing are injected, so the test harness can drive it with fake workers under a fake clock.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import msgspec
+import trio
+import trio_util
+
+from mcrelay.errors import McrelayError
+from mcrelay.ipc import messages as m
+from mcrelay.supervisor.launcher import Launcher, WorkerSpec
+from mcrelay.supervisor.rule_table import RuleTable
+from mcrelay.supervisor.settings import SupervisorSettings
+from mcrelay.supervisor.slot import WorkerSlot
+from mcrelay.supervisor.states import WorkerState
+from mcrelay.supervisor.stats import StatsBook
+from mcrelay.system.logs import LOG_LEVELS, set_log_level
+
+log = logging.getLogger("mcrelay.supervisor")
+
+
+class DataPlane(Protocol):
+    """Kernel-side plumbing for data workers (capture sockets, group memberships)."""
+
+    async def provision(self, slot: WorkerSlot) -> None:
+        """Send a starting data worker its capture sockets."""
+        ...
+
+    async def rules_changed(self, table: RuleTable, slots: list[WorkerSlot]) -> None:
+        """Follow the table: join/leave groups, open/close capture sockets, refresh filters."""
+        ...
+
+
+class NoDataPlane:
+    """For harness tests: rules are tracked and acknowledged, no packets move."""
+
+    async def provision(self, slot: WorkerSlot) -> None:
+        return None
+
+    async def rules_changed(self, table: RuleTable, slots: list[WorkerSlot]) -> None:
+        return None
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: SupervisorSettings,
+        launcher: Launcher,
+        *,
+        table: RuleTable | None = None,
+        listen_fd: int | None = None,
+        dataplane: DataPlane | None = None,
+    ) -> None:
+        self.settings = settings
+        self.table = table or RuleTable()
+        self.dataplane: DataPlane = dataplane or NoDataPlane()
+        self.stats = StatsBook()
+        self.log_level = trio_util.AsyncValue(settings.log_level)
+        self._changes = trio.Lock()
+        data_role = _DataRole(self)
+        self.slots: dict[str, WorkerSlot] = {}
+        if listen_fd is not None:
+            self._add_slot(
+                WorkerSpec("control", "control"), launcher, _ControlRole(self, listen_fd)
+            )
+        for i in range(settings.num_workers):
+            self._add_slot(WorkerSpec("data", f"data-{i}"), launcher, data_role)
+
+    def _add_slot(self, spec: WorkerSpec, launcher: Launcher, role: Any) -> None:
+        self.slots[spec.worker_id] = WorkerSlot(spec, launcher, self.settings, role, self.log_level)
+
+    @property
+    def data_slots(self) -> list[WorkerSlot]:
+        return [s for s in self.slots.values() if s.spec.kind == "data"]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run every worker slot until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for slot in self.slots.values():
+                nursery.start_soon(slot.run, name=f"slot {slot.id}")
+            task_status.started()
+
+    async def wait_all_running(self) -> None:
+        """Until every worker is running; data workers with the current rule set."""
+        for slot in self.slots.values():
+            await slot.state.wait_value(WorkerState.RUNNING)
+
+    # --- rule changes ---------------------------------------------------------------------
+
+    async def sync_worker(self, slot: WorkerSlot) -> None:
+        """Give a starting data worker the whole table and wait for a matching acknowledgement."""
+        while True:
+            seq = self.table.seq
+            await slot.send_during_provisioning(m.RuleSync(seq=seq, rules=self.table.rules))
+            await slot.acked_seq.wait_value(lambda v, seq=seq: v >= seq)
+            if self.table.seq == seq:
+                return
+
+    async def _apply(self, update: m.RuleUpdate) -> None:
+        """Push a committed change to running workers and wait (bounded) for their acks."""
+        slots = self.data_slots
+        await self.dataplane.rules_changed(self.table, slots)
+        sent = [slot for slot in slots if await slot.send(update)]
+        with trio.move_on_after(self.settings.ack_timeout):
+            for slot in sent:
+                await slot.acked_seq.wait_value(lambda v: v >= update.seq)
+
+    async def on_ack(self, slot: WorkerSlot, ack: m.RuleAck) -> None:
+        slot.rule_count = ack.count
+        expected = self.table.digest_at(ack.seq)
+        if expected != ack.digest:
+            log.warning(
+                "worker %s holds rule set %s at seq %d, expected %s: resyncing",
+                slot.id,
+                ack.digest,
+                ack.seq,
+                expected,
+            )
+            await slot.send_during_provisioning(
+                m.RuleSync(seq=self.table.seq, rules=self.table.rules)
+            )
+            return
+        if ack.seq > slot.acked_seq.value:
+            slot.acked_seq.value = ack.seq
+
+    # --- control requests -----------------------------------------------------------------
+
+    async def execute(self, request: m.ClientRequest) -> m.Reply:
+        """Carry out one validated client request; errors become a reply, never an exception."""
+        try:
+            result = await self._execute(request)
+        except McrelayError as exc:
+            return m.Reply(ok=False, error=str(exc))
+        return m.Reply(ok=True, result=result)
+
+    async def _execute(self, request: m.ClientRequest) -> Any:
+        match request:
+            case m.Ping():
+                return {"pong": True, "protocol": m.PROTOCOL_VERSION}
+            case m.ListWorkers():
+                return [slot.describe() for slot in self.slots.values()]
+            case m.ListRules():
+                return msgspec.to_builtins(self.table.rules)
+            case m.AddRule(rule=rule):
+                async with self._changes:
+                    update = self.table.add(rule)
+                    log.info("rule %s added", rule.id)
+                    await self._apply(update)
+                return {"id": rule.id}
+            case m.RemoveRule(id=rule_id):
+                async with self._changes:
+                    update = self.table.remove(rule_id)
+                    log.info("rule %s removed", rule_id)
+                    await self._apply(update)
+                return {"id": rule_id}
+            case m.ReplaceRules(rules=rules):
+                async with self._changes:
+                    update = self.table.replace(rules)
+                    log.info(
+                        "rule set replaced: %d added or changed, %d removed or changed",
+                        len(update.added),
+                        len(update.removed),
+                    )
+                    await self._apply(update)
+                return {"added": [r.id for r in update.added], "removed": list(update.removed)}
+            case m.GetStats():
+                return self.stats.merged(self.table.rules, self.data_slots)
+            case m.LogLevel(level=level):
+                if level is not None:
+                    await self.set_log_level(level)
+                return {"level": self.log_level.value}
+            case m.RestartWorker(id=worker_id):
+                slot = self.slots.get(worker_id)
+                if slot is None:
+                    known = ", ".join(self.slots)
+                    raise McrelayError(f"no worker {worker_id!r} (workers: {known})")
+                slot.restart_now()
+                return {"id": worker_id}
+        raise McrelayError(f"unsupported request {type(request).__name__}")
+
+    async def set_log_level(self, level: str) -> None:
+        if level not in LOG_LEVELS:
+            raise McrelayError(f"unknown log level {level!r} (use {', '.join(LOG_LEVELS)})")
+        set_log_level(level)
+        self.log_level.value = level
+        for slot in self.slots.values():
+            await slot.send(m.SetLogLevel(level=level))
+
+
+class _DataRole:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._sup = supervisor
+
+    async def provision(self, slot: WorkerSlot) -> None:
+        slot.rule_count = None
+        slot.acked_seq.value = -1
+        await self._sup.dataplane.provision(slot)
+        await self._sup.sync_worker(slot)
+
+    async def handle(self, slot: WorkerSlot, message: Any, nursery: trio.Nursery) -> None:
+        if isinstance(message, m.RuleAck):
+            await self._sup.on_ack(slot, message)
+        elif isinstance(message, m.StatsReport):
+            self._sup.stats.record(slot.id, slot.pid, message)
+        else:
+            log.warning("unexpected %s from %s", type(message).__name__, slot.id)
+
+
+class _ControlRole:
+    def __init__(self, supervisor: Supervisor, listen_fd: int) -> None:
+        self._sup = supervisor
+        self._listen_fd = listen_fd
+
+    async def provision(self, slot: WorkerSlot) -> None:
+        # The supervisor keeps its own copy: connections queue in the backlog while a control
+        # worker restarts, and are served by the next one.
+        await slot.send_during_provisioning(m.ListenSocket(), [self._listen_fd])
+
+    async def handle(self, slot: WorkerSlot, message: Any, nursery: trio.Nursery) -> None:
+        if isinstance(message, m.ControlRequest):
+            nursery.start_soon(self._answer, slot, message)
+        else:
+            log.warning("unexpected %s from %s", type(message).__name__, slot.id)
+
+    async def _answer(self, slot: WorkerSlot, request: m.ControlRequest) -> None:
+        reply = await self._sup.execute(request.request)
+        await slot.send(m.ControlReply(req_id=request.req_id, reply=reply))

@@ -1,0 +1,117 @@
+"""The daemon: owns the control socket on disk, runs the core, stops cleanly on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import trio
+
+from mcrelay.errors import SupervisorRunning
+from mcrelay.rules import Rule
+from mcrelay.supervisor.core import DataPlane, Supervisor
+from mcrelay.supervisor.launcher import ProcessLauncher
+from mcrelay.supervisor.rule_table import RuleTable
+from mcrelay.supervisor.settings import SupervisorSettings
+from mcrelay.supervisor.slot import WorkerFatal
+
+log = logging.getLogger("mcrelay.supervisor")
+
+LISTEN_BACKLOG = 512
+
+
+@contextlib.contextmanager
+def control_socket(path: Path) -> Iterator[socket.socket]:
+    """Bind the control socket, refusing if a live supervisor owns the path.
+
+    Ownership is an flock on ``PATH.lock`` held for the supervisor's lifetime: the kernel drops it
+    when the process dies however it dies, so a stale socket file is told apart from a live one
+    without guessing, and is replaced.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(path.name + ".lock")
+    lock = open(lock_path, "a+")  # noqa: SIM115 - held for the whole lifetime
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                lock.seek(0)
+                owner = lock.read().strip() or "?"
+                raise SupervisorRunning(
+                    f"another mcrelay supervisor (pid {owner}) is running on {path}"
+                ) from None
+            raise
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # stale: its owner is gone, or we could not have taken the lock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            sock.listen(LISTEN_BACKLOG)
+            yield sock
+        finally:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
+    finally:
+        lock.close()
+
+
+async def serve(
+    settings: SupervisorSettings,
+    *,
+    initial_rules: tuple[Rule, ...] = (),
+    dataplane: DataPlane | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT; the process exit code."""
+    table = RuleTable()
+    if initial_rules:
+        table.replace(initial_rules)
+    with control_socket(settings.control_socket) as listener:
+        sup = Supervisor(
+            settings,
+            ProcessLauncher(),
+            table=table,
+            listen_fd=listener.fileno(),
+            dataplane=dataplane,
+        )
+        fatal = False
+        log.info(
+            "supervisor %d on %s: %d data workers, %d rules",
+            os.getpid(),
+            settings.control_socket,
+            settings.num_workers,
+            len(table),
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                await nursery.start(sup.run)
+        except* WorkerFatal as group:
+            log.critical("%s: exiting (--exit-on-fatal)", group.exceptions[0])
+            fatal = True
+    if fatal:
+        return 3
+    log.info("supervisor stopped")
+    return 0
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            scope.cancel()
+            return

@@ -1,0 +1,30 @@
+"""Tunables of the supervisor, with the defaults documented in docs/reference.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from mcrelay.supervisor.backoff import BackoffPolicy
+
+DEFAULT_CONTROL_SOCKET = Path("/run/mcrelay/control.sock")
+
+
+@dataclasses.dataclass(frozen=True)
+class SupervisorSettings:
+    control_socket: Path = DEFAULT_CONTROL_SOCKET
+    num_workers: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    backoff: BackoffPolicy = dataclasses.field(default_factory=BackoffPolicy)
+    max_failures: int = 10
+    failure_window: float = 60.0
+    exit_on_fatal: bool = False
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 3.0
+    #: How long a new worker may take to say hello and acknowledge its rules.
+    startup_timeout: float = 10.0
+    #: How long a worker may take to exit after Stop before it is killed.
+    stop_grace: float = 1.0
+    #: How long a rule change waits for running data workers to acknowledge it.
+    ack_timeout: float = 2.0
+    log_level: str = "info"

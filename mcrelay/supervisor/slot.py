@@ -1,0 +1,305 @@
+"""One worker's lifecycle: spawn, hello, provision, heartbeat, death, backoff, again.
+
+A slot outlives the processes it runs. Each pending backoff is a cancel scope, so an operator's
+``restart-worker`` or the supervisor's shutdown simply cancels it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from typing import Any, Literal, Protocol
+
+import trio
+import trio_util
+
+from mcrelay.errors import ChannelClosed, McrelayError, ProtocolError
+from mcrelay.ipc.messages import PROTOCOL_VERSION, Heartbeat, HeartbeatAck, Hello, Stop
+from mcrelay.supervisor.backoff import RestartIntensity
+from mcrelay.supervisor.launcher import Launched, Launcher, WorkerSpec
+from mcrelay.supervisor.settings import SupervisorSettings
+from mcrelay.supervisor.states import Event, WorkerState, transition
+
+log = logging.getLogger("mcrelay.supervisor")
+
+Outcome = Literal["clean", "failure", "restart"]
+
+
+class WorkerFatal(McrelayError):
+    """A worker exceeded its restart intensity and the supervisor was told to give up."""
+
+
+class SlotRole(Protocol):
+    """What differs between control-plane and data-plane workers."""
+
+    async def provision(self, slot: WorkerSlot) -> None:
+        """Hand the new worker what it must hold; return once it has acknowledged it."""
+        ...
+
+    async def handle(self, slot: WorkerSlot, message: Any, nursery: trio.Nursery) -> None:
+        """React to a message from the worker; long work goes into ``nursery``."""
+        ...
+
+
+class WorkerSlot:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        launcher: Launcher,
+        settings: SupervisorSettings,
+        role: SlotRole,
+        log_level: trio_util.AsyncValue[str],
+    ) -> None:
+        self.spec = spec
+        self._launcher = launcher
+        self._settings = settings
+        self._role = role
+        self._log_level = log_level
+        self.state: trio_util.AsyncValue[WorkerState] = trio_util.AsyncValue(WorkerState.EXITED)
+        self.pid: int | None = None
+        self.restarts = 0
+        self.consecutive_failures = 0
+        self.intensity = RestartIntensity(settings.max_failures, settings.failure_window)
+        #: Highest rule-table seq this worker acknowledged with a matching digest.
+        self.acked_seq: trio_util.AsyncValue[int] = trio_util.AsyncValue(-1)
+        self.rule_count: int | None = None
+        self.channel_ready = False
+        self._launched: Launched | None = None
+        self._backoff_scope: trio.CancelScope | None = None
+        self._backoff_deadline: float | None = None
+        self._running_since: float | None = None
+        self._hb_acked: trio_util.AsyncValue[int] = trio_util.AsyncValue(0)
+        self._hung = False
+        self._restart_requested = False
+
+    @property
+    def id(self) -> str:
+        return self.spec.worker_id
+
+    def _fire(self, event: Event) -> None:
+        self.state.value = transition(self.state.value, event)
+
+    # --- what operators see -------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        remaining = None
+        if self._backoff_deadline is not None:
+            remaining = round(max(0.0, self._backoff_deadline - trio.current_time()), 3)
+        return {
+            "id": self.id,
+            "kind": self.spec.kind,
+            "pid": self.pid,
+            "state": str(self.state.value),
+            "restarts": self.restarts,
+            "rules": self.rule_count if self.spec.kind == "data" else None,
+            "backoff_remaining_s": remaining,
+            "recent_failures": self.intensity.recent(trio.current_time()),
+        }
+
+    def restart_now(self) -> None:
+        """Skip a pending backoff, or replace a live worker at once (not counted as a failure)."""
+        if self._backoff_scope is not None:
+            self._backoff_scope.cancel()
+        elif self._launched is not None:
+            self._restart_requested = True
+            self._launched.kill()
+
+    async def send(self, message: object) -> bool:
+        """Send to the live, provisioned worker; False when there is none (it resyncs on start)."""
+        launched = self._launched
+        if launched is None or not self.channel_ready:
+            return False
+        try:
+            await launched.channel.send(message)
+        except ChannelClosed:
+            return False
+        return True
+
+    async def send_during_provisioning(self, message: object, fds: list[int] | None = None) -> None:
+        assert self._launched is not None
+        await self._launched.channel.send(message, fds)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep a worker running until cancelled; raises WorkerFatal only with exit_on_fatal."""
+        policy = self._settings.backoff
+        while True:
+            outcome = await self._run_once()
+            if outcome == "restart":
+                self.restarts += 1
+                continue
+            now = trio.current_time()
+            ran_for = now - self._running_since if self._running_since is not None else 0.0
+            if outcome == "clean":
+                self.consecutive_failures = 0
+                delay = policy.initial
+                self._fire(Event.DIED)
+            else:
+                if ran_for >= policy.stable_after:
+                    self.consecutive_failures = 0
+                self.consecutive_failures += 1
+                delay = policy.delay(self.consecutive_failures)
+                if self.intensity.record(now):
+                    log.critical(
+                        "worker %s failed more than %d times within %.0f s: it is fatal "
+                        "(still retried every %.1f s)",
+                        self.id,
+                        self.intensity.max_failures,
+                        self.intensity.window,
+                        policy.maximum,
+                    )
+                    if self._settings.exit_on_fatal:
+                        raise WorkerFatal(f"worker {self.id} exceeded its restart intensity")
+                    delay = policy.maximum
+                    self._fire(Event.DIED_TOO_OFTEN)
+                else:
+                    self._fire(Event.DIED)
+            self._running_since = None
+            await self._backoff(delay)
+            self.restarts += 1
+
+    async def _backoff(self, delay: float) -> None:
+        log.info("worker %s restarts in %.3f s", self.id, delay)
+        with trio.CancelScope() as scope:
+            self._backoff_scope = scope
+            self._backoff_deadline = trio.current_time() + delay
+            try:
+                await trio.sleep(delay)
+            finally:
+                self._backoff_scope = None
+                self._backoff_deadline = None
+
+    async def _run_once(self) -> Outcome:
+        self._fire(Event.SPAWN)
+        self._hung = False
+        self._restart_requested = False
+        self.channel_ready = False
+        self._hb_acked = trio_util.AsyncValue(0)
+        launched = self._launcher.launch(self.spec)
+        self._launched = launched
+        self.pid = launched.pid
+        log.info("worker %s started (pid %d)", self.id, launched.pid)
+        status: int | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._converse, launched)
+                status = await launched.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.channel_ready = False
+            self._launched = None
+            with trio.CancelScope(shield=True):
+                if status is None:
+                    await self._stop(launched)
+                launched.close()
+        if self._restart_requested:
+            log.info("worker %s (pid %d) replaced on request", self.id, launched.pid)
+            return "restart"
+        if status == 0 and not self._hung:
+            log.info("worker %s (pid %d) exited cleanly", self.id, launched.pid)
+            return "clean"
+        cause = "hung" if self._hung else _describe_status(status)
+        log.error("worker %s (pid %d) failed: %s", self.id, launched.pid, cause)
+        return "failure"
+
+    async def _stop(self, launched: Launched) -> None:
+        """Soft, then hard: Stop, a grace period, SIGKILL, and always reap."""
+        self._fire(Event.STOP)
+        with trio.move_on_after(self._settings.stop_grace):
+            with contextlib.suppress(ChannelClosed):
+                await launched.channel.send(Stop())
+            await launched.wait()
+        launched.kill()
+        await launched.wait()
+        self._fire(Event.STOPPED)
+
+    async def _converse(self, launched: Launched) -> None:
+        """Everything said to one worker process; any failure here ends that process."""
+        channel = launched.channel
+        settings = self._settings
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(settings.startup_timeout):
+                    await channel.send(
+                        Hello(
+                            version=PROTOCOL_VERSION,
+                            role="supervisor",
+                            worker_id=self.id,
+                            log_level=self._log_level.value,
+                        )
+                    )
+                    hello = await channel.receive()
+                    _check_hello(hello, self.spec.kind)
+                    nursery.start_soon(self._read_loop, launched, nursery)
+                    await self._role.provision(self)
+                self.channel_ready = True
+                self._running_since = trio.current_time()
+                self._fire(Event.READY)
+                log.info("worker %s running", self.id)
+                await self._heartbeat(launched)
+                nursery.cancel_scope.cancel()
+        except* trio.TooSlowError:
+            self._hung = True
+            log.error(
+                "worker %s did not finish starting in %.1f s", self.id, settings.startup_timeout
+            )
+            launched.kill()
+        except* ProtocolError as group:
+            log.error("worker %s broke the protocol: %s", self.id, group.exceptions[0])
+            launched.kill()
+        except* ChannelClosed:
+            launched.kill()
+
+    async def _read_loop(self, launched: Launched, nursery: trio.Nursery) -> None:
+        while True:
+            message = await launched.channel.receive()
+            if isinstance(message, HeartbeatAck):
+                if message.n > self._hb_acked.value:
+                    self._hb_acked.value = message.n
+            else:
+                await self._role.handle(self, message, nursery)
+
+    async def _heartbeat(self, launched: Launched) -> None:
+        """Return (after killing the worker) once a heartbeat goes unanswered."""
+        settings = self._settings
+        n = 0
+        while True:
+            await trio.sleep(settings.heartbeat_interval)
+            n += 1
+            await launched.channel.send(Heartbeat(n))
+            with trio.move_on_after(settings.heartbeat_timeout):
+                await self._hb_acked.wait_value(lambda v, n=n: v >= n)
+                continue
+            self._hung = True
+            log.error(
+                "worker %s did not answer a heartbeat within %.1f s: killing it",
+                self.id,
+                settings.heartbeat_timeout,
+            )
+            launched.kill()
+            return
+
+
+def _check_hello(hello: object, kind: str) -> None:
+    if not isinstance(hello, Hello):
+        raise ProtocolError(f"expected hello, got {type(hello).__name__}")
+    if hello.version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"worker speaks protocol version {hello.version}, this supervisor speaks "
+            f"{PROTOCOL_VERSION} (mixed installations?)"
+        )
+    if hello.role != kind:
+        raise ProtocolError(f"worker says it is {hello.role!r}, expected {kind!r}")
+
+
+def _describe_status(status: int | None) -> str:
+    if status is None:
+        return "unknown status"
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit status {status}"

@@ -1,0 +1,136 @@
+"""The control-plane worker: the only process that parses untrusted client input.
+
+It owns no state. Every client frame is decoded against the request schema and validated here;
+only well-formed requests reach the supervisor, as ControlRequest, and its reply goes back.
+A client that stalls, floods or sends garbage costs only its own connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import socket
+from typing import Any
+
+import trio
+
+from mcrelay import rules
+from mcrelay.errors import ChannelClosed, McrelayError, ProtocolError
+from mcrelay.ipc import messages as m
+from mcrelay.ipc.framing import MAX_CLIENT_FRAME_SIZE, FrameChannel
+from mcrelay.system.logs import LOG_LEVELS
+
+log = logging.getLogger("mcrelay.control")
+
+#: A connected client that sends nothing for this long is disconnected.
+CLIENT_IDLE_TIMEOUT = 30.0
+#: A client that does not read its reply within this long is disconnected.
+CLIENT_SEND_TIMEOUT = 5.0
+#: How long a request may wait for the supervisor (rule changes wait for worker acks).
+REQUEST_TIMEOUT = 15.0
+MAX_CLIENTS = 512
+
+
+class ControlWorker:
+    def __init__(self, channel: FrameChannel) -> None:
+        self._channel = channel
+        self._nursery: trio.Nursery | None = None
+        self._pending: dict[int, trio.MemorySendChannel[m.Reply]] = {}
+        self._ids = itertools.count(1)
+        self._clients = trio.CapacityLimiter(MAX_CLIENTS)
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    async def handle(self, message: Any) -> None:
+        match message:
+            case m.ListenSocket():
+                (fd,) = self._channel.take_fds(1)
+                listener = socket.socket(fileno=fd)
+                listener.setblocking(False)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._serve, trio.socket.from_stdlib_socket(listener))
+            case m.ControlReply(req_id=req_id, reply=reply):
+                waiter = self._pending.pop(req_id, None)
+                if waiter is not None:
+                    waiter.send_nowait(reply)
+            case _:
+                log.warning("unexpected %s from the supervisor", type(message).__name__)
+
+    async def _serve(self, listener: trio.socket.SocketType) -> None:
+        log.info("serving the control socket")
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await listener.accept()
+                if self._clients.borrowed_tokens >= MAX_CLIENTS:
+                    conn.close()
+                    log.warning("refused a client: %d clients already connected", MAX_CLIENTS)
+                    continue
+                nursery.start_soon(self._client, conn)
+
+    async def _client(self, conn: trio.socket.SocketType) -> None:
+        channel = FrameChannel(conn, m.ClientToServer, max_frame=MAX_CLIENT_FRAME_SIZE)
+        async with self._clients:
+            try:
+                await self._converse(channel)
+            except (ChannelClosed, trio.TooSlowError):
+                pass
+            except ProtocolError as exc:
+                # Say why, once, then hang up: the stream can no longer be trusted.
+                with trio.move_on_after(CLIENT_SEND_TIMEOUT):
+                    with contextlib.suppress(ChannelClosed):
+                        await channel.send(m.Reply(ok=False, error=f"protocol error: {exc}"))
+            finally:
+                channel.close()
+
+    async def _converse(self, channel: FrameChannel) -> None:
+        with trio.fail_after(CLIENT_IDLE_TIMEOUT):
+            hello = await channel.receive()
+        if not isinstance(hello, m.Hello):
+            raise ProtocolError("the first frame must be a hello")
+        if hello.version != m.PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"client speaks protocol version {hello.version}, this daemon speaks "
+                f"{m.PROTOCOL_VERSION}"
+            )
+        with trio.fail_after(CLIENT_SEND_TIMEOUT):
+            await channel.send(m.Hello(version=m.PROTOCOL_VERSION, role="control"))
+        while True:
+            with trio.fail_after(CLIENT_IDLE_TIMEOUT):
+                request = await channel.receive()
+            reply = await self._answer(request)
+            with trio.fail_after(CLIENT_SEND_TIMEOUT):
+                await channel.send(reply)
+
+    async def _answer(self, request: object) -> m.Reply:
+        if isinstance(request, m.Hello):
+            return m.Reply(ok=False, error="hello was already exchanged")
+        try:
+            _validate(request)
+        except McrelayError as exc:
+            return m.Reply(ok=False, error=str(exc))
+        req_id = next(self._ids)
+        send, receive = trio.open_memory_channel[m.Reply](1)
+        self._pending[req_id] = send
+        try:
+            await self._channel.send(m.ControlRequest(req_id=req_id, request=request))  # type: ignore[arg-type]
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                return await receive.receive()
+            return m.Reply(ok=False, error="the supervisor did not answer in time")
+        finally:
+            self._pending.pop(req_id, None)
+
+
+def _validate(request: object) -> None:
+    """Everything that can be checked without the rule table, so the supervisor sees only sense."""
+    match request:
+        case m.AddRule(rule=rule):
+            rules.validate(rule)
+        case m.ReplaceRules(rules=new_rules):
+            for rule in new_rules:
+                rules.validate(rule)
+        case m.LogLevel(level=level) if level is not None and level not in LOG_LEVELS:
+            raise McrelayError(f"unknown log level {level!r} (use {', '.join(LOG_LEVELS)})")
+        case m.RemoveRule(id=rule_id) | m.RestartWorker(id=rule_id) if not rule_id:
+            raise McrelayError("an id is required")

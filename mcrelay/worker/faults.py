@@ -1,0 +1,29 @@
+"""Fault injection for tests: ``MCRELAY_FAULT_FILE=PATH`` selects faults for worker kinds.
+
+When PATH exists as a worker starts, each line ``KIND:FAULT`` applies to workers of that kind:
+``crash-on-start`` (exit at once with status 3) or ``hang`` (stop answering heartbeats).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FAULT_FILE_ENV = "MCRELAY_FAULT_FILE"
+KNOWN_FAULTS = frozenset({"crash-on-start", "hang"})
+
+
+def faults_for(kind: str) -> frozenset[str]:
+    path = os.environ.get(FAULT_FILE_ENV)
+    if not path:
+        return frozenset()
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return frozenset()
+    found = set()
+    for line in text.splitlines():
+        line_kind, _, fault = line.strip().partition(":")
+        if line_kind == kind and fault in KNOWN_FAULTS:
+            found.add(fault)
+    return frozenset(found)

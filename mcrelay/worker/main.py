@@ -1,0 +1,117 @@
+"""What every worker does: bind its life to the supervisor, greet it, answer heartbeats, obey."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Any, Protocol
+
+import trio
+
+from mcrelay.errors import ChannelClosed, ProtocolError
+from mcrelay.ipc import messages as m
+from mcrelay.ipc.framing import FrameChannel
+from mcrelay.system.logs import setup_logging
+from mcrelay.system.process import arm_parent_death, set_process_name
+from mcrelay.worker.faults import faults_for
+
+log = logging.getLogger("mcrelay.worker")
+
+
+class WorkerImpl(Protocol):
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Start the worker's own tasks in ``nursery``."""
+        ...
+
+    async def handle(self, message: Any) -> None:
+        """A message from the supervisor that the common loop does not handle itself."""
+        ...
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mcrelay.worker")
+    parser.add_argument("kind", choices=("control", "data"))
+    parser.add_argument("worker_id")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--supervisor-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    arm_parent_death(args.supervisor_pid)
+    name = _name(args.kind, args.worker_id)
+    set_process_name(name)
+    setup_logging("info", name)
+    faults = faults_for(args.kind)
+    if "crash-on-start" in faults:
+        log.error("fault injected: crash-on-start")
+        os._exit(3)
+    try:
+        code = trio.run(_run, args.kind, args.worker_id, args.fd, "hang" in faults)
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)
+
+
+async def _run(kind: m.WorkerKind, worker_id: str, fd: int, hang: bool) -> int:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    channel = FrameChannel(trio.socket.from_stdlib_socket(sock), m.SupervisorToWorker)
+    try:
+        hello = await channel.receive()
+        if not isinstance(hello, m.Hello) or hello.version != m.PROTOCOL_VERSION:
+            got = hello.version if isinstance(hello, m.Hello) else type(hello).__name__
+            log.error("supervisor speaks protocol %s, this worker %d", got, m.PROTOCOL_VERSION)
+            return 2
+        setup_logging(hello.log_level, _name(kind, worker_id))
+        await channel.send(
+            m.Hello(version=m.PROTOCOL_VERSION, role=kind, worker_id=worker_id, pid=os.getpid())
+        )
+        impl = _make_impl(kind, worker_id, channel)
+        async with trio.open_nursery() as nursery:
+            await impl.run(nursery)
+            await _obey(channel, impl, hang)
+            nursery.cancel_scope.cancel()
+    except ChannelClosed:
+        log.info("supervisor went away: exiting")
+        return 0
+    except ProtocolError as exc:
+        log.error("protocol error from supervisor: %s", exc)
+        return 2
+    finally:
+        channel.close()
+    return 0
+
+
+def _name(kind: str, worker_id: str) -> str:
+    return "mcrelay: control" if kind == "control" else f"mcrelay: {worker_id}"
+
+
+def _make_impl(kind: m.WorkerKind, worker_id: str, channel: FrameChannel) -> WorkerImpl:
+    if kind == "control":
+        from mcrelay.worker.control import ControlWorker
+
+        return ControlWorker(channel)
+    from mcrelay.worker.data import DataWorker
+
+    return DataWorker(channel, worker_id)
+
+
+async def _obey(channel: FrameChannel, impl: WorkerImpl, hang: bool) -> None:
+    """The supervisor's messages, in order, until it says Stop."""
+    while True:
+        message = await channel.receive()
+        match message:
+            case m.Heartbeat(n=n):
+                if hang:
+                    log.error("fault injected: hang")
+                    while True:  # deliberately blocks the whole process, as a real hang would
+                        time.sleep(3600)  # noqa: ASYNC251
+                await channel.send(m.HeartbeatAck(n=n))
+            case m.SetLogLevel(level=level):
+                logging.getLogger("mcrelay").setLevel(level.upper())
+            case m.Stop():
+                return
+            case _:
+                await impl.handle(message)
