@@ -128,6 +128,7 @@ class WorkerSlot:
         while True:
             outcome = await self._run_once()
             if outcome == "restart":
+                self._fire(Event.DIED)
                 self.restarts += 1
                 continue
             now = trio.current_time()

@@ -1,0 +1,161 @@
+"""Fake worker processes: real socketpairs, the real worker message loop, no real process."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from mcrelay.errors import ChannelClosed
+from mcrelay.ipc import messages as m
+from mcrelay.ipc.framing import FrameChannel
+from mcrelay.supervisor.launcher import WorkerSpec
+from mcrelay.worker.data import DataWorker
+from mcrelay.worker.main import _obey
+
+#: A fake worker's body: returns its exit status.
+Behaviour = Callable[[FrameChannel, "FakeWorker"], Awaitable[int]]
+
+_pids = itertools.count(10_000)
+
+
+async def _greet(channel: FrameChannel, worker: FakeWorker) -> None:
+    await channel.receive()
+    await channel.send(
+        m.Hello(version=m.PROTOCOL_VERSION, role=worker.spec.kind, worker_id=worker.spec.worker_id)
+    )
+
+
+async def healthy(channel: FrameChannel, worker: FakeWorker) -> int:
+    """The real data worker loop: acks rules, answers heartbeats, exits 0 on Stop."""
+    await _greet(channel, worker)
+    data = DataWorker(channel, worker.spec.worker_id)
+    worker.impl = data
+    async with trio.open_nursery() as nursery:
+        await data.run(nursery)
+        await _obey(channel, data, hang=False)
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+async def crash_on_start(channel: FrameChannel, worker: FakeWorker) -> int:
+    return 3
+
+
+def run_for(seconds: float, status: int = 1) -> Behaviour:
+    """Healthy for ``seconds``, then exits with ``status``."""
+
+    async def behaviour(channel: FrameChannel, worker: FakeWorker) -> int:
+        with trio.move_on_after(seconds):
+            await healthy(channel, worker)
+        return status
+
+    return behaviour
+
+
+def hang_after(seconds: float) -> Behaviour:
+    """Healthy, then stops answering anything (but does not exit) after ``seconds``."""
+
+    async def behaviour(channel: FrameChannel, worker: FakeWorker) -> int:
+        with trio.move_on_after(seconds):
+            await healthy(channel, worker)
+        worker.hung_at = trio.current_time()
+        await trio.sleep_forever()
+        return 0
+
+    return behaviour
+
+
+def wrong_digest_once() -> Behaviour:
+    """Acknowledges its first rule update with a wrong digest, then behaves."""
+
+    async def behaviour(channel: FrameChannel, worker: FakeWorker) -> int:
+        real_send = channel.send
+        lied = False
+
+        async def send(message: object, fds: list[int] | None = None) -> None:
+            nonlocal lied
+            if isinstance(message, m.RuleAck) and message.seq > 0 and not lied:
+                lied = True
+                worker.lies += 1
+                message = m.RuleAck(seq=message.seq, count=message.count, digest="0" * 16)
+            await real_send(message, fds)
+
+        channel.send = send  # type: ignore[method-assign]
+        return await healthy(channel, worker)
+
+    return behaviour
+
+
+@dataclass
+class FakeWorker:
+    spec: WorkerSpec
+    channel: FrameChannel
+    pid: int
+    started_at: float
+    done: trio.Event = field(default_factory=trio.Event)
+    status: int | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    impl: DataWorker | None = None
+    hung_at: float | None = None
+    killed_at: float | None = None
+    lies: int = 0
+
+    async def wait(self) -> int:
+        await self.done.wait()
+        assert self.status is not None
+        return self.status
+
+    def kill(self) -> None:
+        if self.status is None and self.killed_at is None:
+            self.killed_at = trio.current_time()
+            self.scope.cancel()
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class FakeLauncher:
+    """Launches fake workers into ``nursery``; per worker id, a queue of behaviours."""
+
+    def __init__(self, nursery: trio.Nursery, default: Behaviour = healthy) -> None:
+        self._nursery = nursery
+        self._default = default
+        self.scripts: dict[str, list[Behaviour]] = {}
+        self.launched: list[FakeWorker] = []
+
+    def script(self, worker_id: str, *behaviours: Behaviour) -> None:
+        self.scripts.setdefault(worker_id, []).extend(behaviours)
+
+    def of(self, worker_id: str) -> list[FakeWorker]:
+        return [w for w in self.launched if w.spec.worker_id == worker_id]
+
+    def launch(self, spec: WorkerSpec) -> FakeWorker:
+        ours, theirs = trio.socket.socketpair()
+        queue = self.scripts.get(spec.worker_id) or []
+        behaviour = queue.pop(0) if queue else self._default
+        worker = FakeWorker(
+            spec=spec,
+            channel=FrameChannel(ours, m.WorkerToSupervisor),
+            pid=next(_pids),
+            started_at=trio.current_time(),
+        )
+        self.launched.append(worker)
+        self._nursery.start_soon(self._body, worker, behaviour, theirs)
+        return worker
+
+    async def _body(
+        self, worker: FakeWorker, behaviour: Behaviour, sock: trio.socket.SocketType
+    ) -> None:
+        channel = FrameChannel(sock, m.SupervisorToWorker)
+        status = -9
+        with worker.scope:
+            try:
+                status = await behaviour(channel, worker)
+            except ChannelClosed:
+                status = 0
+        channel.close()
+        worker.status = status
+        worker.done.set()
