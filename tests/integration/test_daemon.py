@@ -1,0 +1,179 @@
+"""The daemon as users run it: real supervisor, real worker processes, real CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.daemon import Daemon, cli, daemon, is_worker, pid_alive, wait_for
+
+RULE = ["--input-interface", "in0", "--input-port", "5000", "--output", "239.9.9.9:6000:out0"]
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Daemon:
+    with daemon(tmp_path, "--num-workers", "2") as d:
+        d.wait_running()
+        yield d
+
+
+def test_kill_control_worker_new_pid_within_1s_and_cli_answers(relay: Daemon) -> None:
+    old = relay.workers()["control"]["pid"]
+    os.kill(old, signal.SIGKILL)
+    t0 = time.monotonic()
+    # The CLI call made during the restart waits in the socket backlog and is served.
+    new = relay.wait_replaced("control", old, timeout=1.0)
+    assert time.monotonic() - t0 < 1.0
+    assert new["restarts"] == 1
+    assert relay.ok("ping").strip() == "pong"
+
+
+def test_replacement_data_worker_holds_every_rule(relay: Daemon) -> None:
+    relay.ok("add", "--input-group", "239.1.1.1", *RULE)
+    relay.ok("add", "--input-group", "239.1.1.2", *RULE, "--id", "second")
+    old = relay.workers()["data-1"]
+    assert old["rules"] == 2
+    os.kill(old["pid"], signal.SIGKILL)
+    new = relay.wait_replaced("data-1", old["pid"])
+    assert new["rules"] == 2
+
+
+def test_kill_all_workers_at_once(relay: Daemon) -> None:
+    relay.ok("add", "--input-group", "239.1.1.1", *RULE)
+    before = relay.workers()
+    for w in before.values():
+        os.kill(w["pid"], signal.SIGKILL)
+    after = wait_for(
+        lambda: (
+            (ws := relay.workers())
+            and all(
+                ws[i]["pid"] != before[i]["pid"] and ws[i]["state"] == "running" for i in before
+            )
+            and ws
+        ),
+        timeout=5,
+    )
+    assert all(w["rules"] == 1 for w in after.values() if w["kind"] == "data")
+
+
+def test_repeated_kills_grow_the_delay(relay: Daemon) -> None:
+    delays = []
+    for _ in range(3):
+        old = relay.workers()["data-0"]["pid"]
+        t0 = time.monotonic()
+        os.kill(old, signal.SIGKILL)
+        relay.wait_replaced("data-0", old, timeout=10)
+        delays.append(time.monotonic() - t0)
+    # 250 ms, 500 ms, 1 s plus start-up time: each at least its backoff and longer than the last.
+    assert delays[0] >= 0.25 and delays[1] >= 0.5 and delays[2] >= 1.0
+    assert delays[0] < delays[1] < delays[2]
+
+
+def test_hang_fault_is_detected_and_restarted(tmp_path: Path) -> None:
+    fault = tmp_path / "faults"
+    fault.write_text("data:hang\n")
+    env = {"MCRELAY_FAULT_FILE": str(fault)}
+    with daemon(tmp_path, "--num-workers", "1", "--heartbeat-timeout", "1", env=env) as d:
+        first = wait_for(lambda: (w := d.workers()["data-0"])["state"] == "running" and w)
+        fault.unlink()  # the replacement starts healthy
+        new = d.wait_replaced("data-0", first["pid"], timeout=5)
+        assert new["restarts"] == 1
+        assert "did not answer a heartbeat" in d.log.read_text()
+        assert not pid_alive(first["pid"])
+
+
+def test_control_crash_on_start_clients_are_served_once_it_heals(tmp_path: Path) -> None:
+    fault = tmp_path / "faults"
+    fault.write_text("control:crash-on-start\n")
+    env = {"MCRELAY_FAULT_FILE": str(fault)}
+    socket_path = tmp_path / "control.sock"
+    log = tmp_path / "supervisor.log"
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mcrelay", "supervisor", "--control-socket", str(socket_path),
+             "--num-workers", "1"],
+            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **env},
+        )  # fmt: skip
+    try:
+        wait_for(lambda: log.read_text().count("exit status 3") >= 2)
+        # A client that connects while no control worker exists waits in the backlog...
+        client = subprocess.Popen(
+            [sys.executable, "-m", "mcrelay", "ping", "--socket", str(socket_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        fault.unlink()
+        # ...and is answered by the healed worker: no "connection refused".
+        out, err = client.communicate(timeout=10)
+        assert client.returncode == 0, err
+        assert out.strip() == "pong"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+
+
+def test_sigterm_stops_everything_within_2s(tmp_path: Path) -> None:
+    with daemon(tmp_path, "--num-workers", "2") as d:
+        pids = [w["pid"] for w in d.wait_running().values()]
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=2) == 0
+        assert time.monotonic() - t0 < 2.0
+        assert not d.socket.exists()
+        wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=1)
+
+
+def test_sigkill_of_supervisor_leaves_no_orphan_within_1s(tmp_path: Path) -> None:
+    with daemon(tmp_path, "--num-workers", "2") as d:
+        pids = [w["pid"] for w in d.wait_running().values()]
+        d.proc.kill()
+        d.proc.wait()
+        t0 = time.monotonic()
+        wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=1)
+        assert time.monotonic() - t0 < 1.0
+
+
+def test_second_supervisor_refuses_and_stale_socket_is_replaced(tmp_path: Path) -> None:
+    with daemon(tmp_path, "--num-workers", "1") as d:
+        second = cli("supervisor", "--control-socket", str(d.socket), "--num-workers", "1")
+        assert second.returncode != 0
+        assert "another mcrelay supervisor" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert d.ok("ping").strip() == "pong"  # the first one is unharmed
+        d.proc.kill()
+        d.proc.wait()
+    assert d.socket.exists()  # SIGKILL left a stale socket file behind
+    with daemon(tmp_path, "--num-workers", "1") as again:
+        assert again.ok("ping").strip() == "pong"
+
+
+def test_process_names(relay: Daemon) -> None:
+    names = {}
+    for w in relay.workers().values():
+        with open(f"/proc/{w['pid']}/cmdline", "rb") as f:
+            names[w["id"]] = f.read().split(b"\0")[0].decode()
+    assert names == {
+        "control": "mcrelay: control",
+        "data-0": "mcrelay: data-0",
+        "data-1": "mcrelay: data-1",
+    }
+    assert all(is_worker(w["pid"]) for w in relay.workers().values())
+
+
+@pytest.mark.slow
+def test_idle_workers_survive_30s_unrestarted(relay: Daemon) -> None:
+    """PR_SET_PDEATHSIG is tied to the forking thread: workers must not die when one retires."""
+    before = relay.workers()
+    deadline = time.monotonic() + 31
+    while time.monotonic() < deadline:
+        time.sleep(1)  # the subject of this test is the passage of time itself
+        assert all(pid_alive(w["pid"]) for w in before.values())
+    after = relay.workers()
+    assert {i: (w["pid"], w["restarts"], w["state"]) for i, w in after.items()} == {
+        i: (w["pid"], 0, "running") for i, w in before.items()
+    }
