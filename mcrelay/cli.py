@@ -298,7 +298,9 @@ def config_show(socket: SocketOpt = DEFAULT_CONTROL_SOCKET) -> None:
 
 
 @config_app.command("check")
-def config_check(file: Annotated[Path, typer.Argument(help="TOML rule file.")]) -> None:
+def config_check(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="TOML rule file.")],
+) -> None:
     """Validate a rule file without touching the daemon."""
     rules = _load_file(file)
     typer.echo(f"{file}: {len(rules)} rule(s), valid")
@@ -306,7 +308,7 @@ def config_check(file: Annotated[Path, typer.Argument(help="TOML rule file.")]) 
 
 @config_app.command("load")
 def config_load(
-    file: Annotated[Path, typer.Argument(help="TOML rule file.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="TOML rule file.")],
     socket: SocketOpt = DEFAULT_CONTROL_SOCKET,
 ) -> None:
     """Make the daemon's rules equal to the file's; only the difference is applied."""
@@ -320,7 +322,7 @@ def config_load(
 
 @config_app.command("save")
 def config_save(
-    file: Annotated[Path, typer.Argument(help="Where to write the TOML rule file.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Where to write the rule file.")],
     socket: SocketOpt = DEFAULT_CONTROL_SOCKET,
 ) -> None:
     """Write the daemon's rules to a config file."""

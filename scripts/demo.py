@@ -44,18 +44,45 @@ def main(mcrelay: str) -> None:
         )
         try:
             deadline = time.monotonic() + 10
-            while subprocess.run(c.relay.cmd(mcrelay, "ping", "--socket", sock),
-                                 capture_output=True).returncode != 0:  # fmt: skip
+            while (
+                subprocess.run(
+                    c.relay.cmd(mcrelay, "ping", "--socket", sock), capture_output=True
+                ).returncode
+                != 0
+            ):
                 if time.monotonic() > deadline or sup.poll() is not None:
                     sys.exit("the supervisor did not start:\n" + Path(log.name).read_text())
                 time.sleep(0.05)
             run("workers")
             say("adding two rules")
-            run("add", "--input-interface", c.relay_in, "--input-group", "239.1.1.1",
-                "--input-port", "5000", "--output", f"239.2.2.1:5000:{c.relay_out}", "--id", "cam1")  # fmt: skip
-            run("add", "--input-interface", c.relay_in, "--input-group", "239.1.1.2",
-                "--input-port", "5000", "--output", f"239.2.2.2:5000:{c.relay_out}",
-                "--output", f"{c.sink_addr}:6000:{c.relay_out}", "--id", "cam2")  # fmt: skip
+            run(
+                "add",
+                "--input-interface",
+                c.relay_in,
+                "--input-group",
+                "239.1.1.1",
+                "--input-port",
+                "5000",
+                "--output",
+                f"239.2.2.1:5000:{c.relay_out}",
+                "--id",
+                "cam1",
+            )
+            run(
+                "add",
+                "--input-interface",
+                c.relay_in,
+                "--input-group",
+                "239.1.1.2",
+                "--input-port",
+                "5000",
+                "--output",
+                f"239.2.2.2:5000:{c.relay_out}",
+                "--output",
+                f"{c.sink_addr}:6000:{c.relay_out}",
+                "--id",
+                "cam2",
+            )
             run("rules")
             workers = json.loads(run("workers", "--json", show=False))
             victim = next(w for w in workers if w["id"] == "data-0")
@@ -70,8 +97,11 @@ def main(mcrelay: str) -> None:
                 if time.monotonic() - t0 > 10:
                     sys.exit("data-0 did not come back")
                 time.sleep(0.02)
-            print(f"data-0 is back as pid {new['pid']} with {new['rules']} rules "
-                  f"after {time.monotonic() - t0:.2f} s", flush=True)  # fmt: skip
+            print(
+                f"data-0 is back as pid {new['pid']} with {new['rules']} rules "
+                f"after {time.monotonic() - t0:.2f} s",
+                flush=True,
+            )
             run("workers")
         finally:
             say("stopping (SIGTERM) and removing the namespaces")

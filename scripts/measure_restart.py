@@ -21,14 +21,33 @@ from tests.integration.daemon import daemon, wait_for  # noqa: E402
 
 
 def main(n: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp, daemon(
-        Path(tmp), "--num-workers", "2", "--stable-after", "0.5"
-    ) as d:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        daemon(Path(tmp), "--num-workers", "2", "--stable-after", "0.5") as d,
+    ):
         d.wait_running()
-        d.ok("add", "--input-interface", "in0", "--input-group", "239.1.1.1", "--input-port",
-             "5000", "--output", "239.9.9.9:6000:out0")  # fmt: skip
-        d.ok("add", "--input-interface", "in0", "--input-group", "239.1.1.2", "--input-port",
-             "5000", "--output", "239.9.9.9:6001:out0")  # fmt: skip
+        d.ok(
+            "add",
+            "--input-interface",
+            "in0",
+            "--input-group",
+            "239.1.1.1",
+            "--input-port",
+            "5000",
+            "--output",
+            "239.9.9.9:6000:out0",
+        )
+        d.ok(
+            "add",
+            "--input-interface",
+            "in0",
+            "--input-group",
+            "239.1.1.2",
+            "--input-port",
+            "5000",
+            "--output",
+            "239.9.9.9:6001:out0",
+        )
         samples = []
         for _ in range(n):
             old = d.workers()["data-0"]
@@ -36,9 +55,11 @@ def main(n: int) -> None:
             t0 = time.monotonic()
             os.kill(old["pid"], signal.SIGKILL)
             wait_for(
-                lambda old=old: (w := d.workers()["data-0"])["pid"] != old["pid"]
-                and w["state"] == "running"
-                and w["rules"] == 2,
+                lambda old=old: (
+                    (w := d.workers()["data-0"])["pid"] != old["pid"]
+                    and w["state"] == "running"
+                    and w["rules"] == 2
+                ),
                 timeout=10,
                 interval=0.005,
             )

@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 
 def wait_for(predicate: Callable[[], T | None], timeout: float = 5.0, interval: float = 0.02) -> T:
-    """Poll until ``predicate`` returns something truthy; fail with a clear message at the deadline."""
+    """Poll until ``predicate`` returns something truthy; fail clearly at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

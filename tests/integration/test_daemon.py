@@ -96,17 +96,29 @@ def test_control_crash_on_start_clients_are_served_once_it_heals(tmp_path: Path)
     log = tmp_path / "supervisor.log"
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mcrelay", "supervisor", "--control-socket", str(socket_path),
-             "--num-workers", "1"],
-            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **env},
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mcrelay",
+                "supervisor",
+                "--control-socket",
+                str(socket_path),
+                "--num-workers",
+                "1",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
     try:
         wait_for(lambda: log.read_text().count("exit status 3") >= 2)
         # A client that connects while no control worker exists waits in the backlog...
         client = subprocess.Popen(
             [sys.executable, "-m", "mcrelay", "ping", "--socket", str(socket_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         fault.unlink()
         # ...and is answered by the healed worker: no "connection refused".
         out, err = client.communicate(timeout=10)
