@@ -21,6 +21,7 @@ from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
 from mcrelay.supervisor.settings import DEFAULT_CONTROL_SOCKET
 from mcrelay.system.logs import LOG_LEVELS
+from mcrelay.tools.commands import gen_command, sink_command
 
 app = typer.Typer(
     name="mcrelay",
@@ -30,6 +31,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+app.command("gen")(gen_command)
+app.command("sink")(sink_command)
 config_app = typer.Typer(help="Show, check, load and save rule files (TOML).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.netns import topology  # noqa: E402
+from tests.netns import topology
 
 
 def say(text: str) -> None:

@@ -15,9 +15,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mcrelay import client  # noqa: E402
-from mcrelay.ipc import messages as m  # noqa: E402
-from tests.integration.daemon import daemon, wait_for  # noqa: E402
+from mcrelay import client
+from mcrelay.ipc import messages as m
+from tests.integration.daemon import daemon, wait_for
 
 
 def main(n: int) -> None:

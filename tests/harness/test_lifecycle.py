@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import AsyncIterator
 
 import pytest
@@ -40,7 +41,7 @@ async def running(
 def gaps(workers: list[fakes.FakeWorker]) -> list[float]:
     """Time from each worker's death to its successor's start."""
     out = []
-    for prev, nxt in zip(workers, workers[1:], strict=False):
+    for prev, nxt in itertools.pairwise(workers):
         died = prev.killed_at if prev.killed_at is not None else prev.started_at
         out.append(round(nxt.started_at - died, 6))
     return out
