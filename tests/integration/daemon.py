@@ -94,12 +94,24 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def daemon(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+def daemon(
+    tmp: Path, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+) -> Iterator[Daemon]:
+    """``prefix`` runs the supervisor through another command (``ip netns exec NS``)."""
     socket = tmp / "control.sock"
     log = tmp / "supervisor.log"
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mcrelay", "supervisor", "--control-socket", str(socket), *args],
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "mcrelay",
+                "supervisor",
+                "--control-socket",
+                str(socket),
+                *args,
+            ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             text=True,

@@ -189,3 +189,32 @@ def test_idle_workers_survive_30s_unrestarted(relay: Daemon) -> None:
     assert {i: (w["pid"], w["restarts"], w["state"]) for i, w in after.items()} == {
         i: (w["pid"], 0, "running") for i, w in before.items()
     }
+
+
+def test_version_mismatch_and_garbage_get_a_clear_error(relay: Daemon) -> None:
+    import socket as pysocket
+    import struct
+
+    import msgspec
+
+    def exchange(payload: bytes) -> bytes:
+        with pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(relay.socket))
+            s.sendall(payload)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            return data
+
+    hello = msgspec.msgpack.encode({"t": "hello", "version": 99, "role": "client"})
+    answer = exchange(struct.pack("!I", len(hello)) + hello)
+    reply = msgspec.msgpack.decode(answer[4:])
+    assert reply["ok"] is False
+    assert "client speaks protocol version 99" in reply["error"]
+    garbage = exchange(struct.pack("!I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
+    assert b"protocol error" in garbage
+    oversized = exchange(struct.pack("!I", 50 * 1024 * 1024))
+    assert b"exceeds limit" in oversized
+    assert relay.ok("ping").strip() == "pong"
+    assert relay.workers()["control"]["restarts"] == 0
