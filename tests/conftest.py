@@ -1,6 +1,7 @@
 """Test policy.
 
-- unit/: pure functions (rules, config, backoff, states, framing, parser, BPF). No I/O but socketpairs.
+- unit/: pure functions (rules, config, backoff, states, framing, parser, BPF); no I/O but
+  socketpairs.
 - harness/: the supervisor core in-process against fake workers on real socketpairs, under
   pytest-trio's ``autojump_clock``: timing is asserted exactly, nothing sleeps for real. The fake
   workers run the real worker message loop; only the process is fake.

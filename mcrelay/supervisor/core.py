@@ -29,22 +29,27 @@ log = logging.getLogger("mcrelay.supervisor")
 class DataPlane(Protocol):
     """Kernel-side plumbing for data workers (capture sockets, group memberships)."""
 
-    async def provision(self, slot: WorkerSlot) -> None:
-        """Send a starting data worker its capture sockets."""
+    async def provision(self, slot: WorkerSlot, table: RuleTable) -> None:
+        """Send a starting data worker the capture sockets it does not hold yet."""
         ...
 
     async def rules_changed(self, table: RuleTable, slots: list[WorkerSlot]) -> None:
         """Follow the table: join/leave groups, open/close capture sockets, refresh filters."""
         ...
 
+    def close(self) -> None: ...
+
 
 class NoDataPlane:
     """For harness tests: rules are tracked and acknowledged, no packets move."""
 
-    async def provision(self, slot: WorkerSlot) -> None:
+    async def provision(self, slot: WorkerSlot, table: RuleTable) -> None:
         return None
 
     async def rules_changed(self, table: RuleTable, slots: list[WorkerSlot]) -> None:
+        return None
+
+    def close(self) -> None:
         return None
 
 
@@ -82,6 +87,7 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every worker slot until cancelled."""
+        await self.dataplane.rules_changed(self.table, [])  # memberships for the initial rules
         async with trio.open_nursery() as nursery:
             for slot in self.slots.values():
                 nursery.start_soon(slot.run, name=f"slot {slot.id}")
@@ -98,6 +104,7 @@ class Supervisor:
         """Give a starting data worker the whole table and wait for a matching acknowledgement."""
         while True:
             seq = self.table.seq
+            await self.dataplane.provision(slot, self.table)
             await slot.send_during_provisioning(m.RuleSync(seq=seq, rules=self.table.rules))
             await slot.acked_seq.wait_value(lambda v, seq=seq: v >= seq)
             if self.table.seq == seq:
@@ -201,7 +208,6 @@ class _DataRole:
     async def provision(self, slot: WorkerSlot) -> None:
         slot.rule_count = None
         slot.acked_seq.value = -1
-        await self._sup.dataplane.provision(slot)
         await self._sup.sync_worker(slot)
 
     async def handle(self, slot: WorkerSlot, message: Any, nursery: trio.Nursery) -> None:

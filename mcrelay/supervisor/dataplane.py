@@ -1,14 +1,120 @@
-"""Kernel-side plumbing for data workers: capture sockets and group memberships."""
+"""Kernel-side plumbing for data workers: capture sockets and group memberships.
+
+The supervisor is the only privileged process, so it opens every AF_PACKET socket and passes it
+to a data worker over the socketpair, then closes its own copy: when that worker dies the socket
+dies with it and the kernel moves its share of the fanout group to the other workers.
+"""
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import itertools
+import logging
+import os
+import socket
+
+from mcrelay.dataplane import bpf
+from mcrelay.dataplane.capture import open_capture_socket
+from mcrelay.ipc import messages as m
+from mcrelay.rules import Rule
+from mcrelay.supervisor.memberships import Memberships
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.slot import WorkerSlot
 
+log = logging.getLogger("mcrelay.supervisor")
+
+
+def input_interfaces(rules: tuple[Rule, ...]) -> set[str]:
+    return {r.input.interface for r in rules}
+
+
+def filter_pairs(rules: tuple[Rule, ...], interface: str) -> list[tuple[str, int]]:
+    """(destination, port) pairs a capture socket on ``interface`` must let through."""
+    return [(r.input.group, r.input.port) for r in rules if r.input.interface == interface]
+
+
+def wanted_memberships(rules: tuple[Rule, ...]) -> set[tuple[str, str]]:
+    return {
+        (r.input.interface, r.input.group)
+        for r in rules
+        if ipaddress.IPv4Address(r.input.group).is_multicast
+    }
+
 
 class KernelDataPlane:
-    async def provision(self, slot: WorkerSlot) -> None:
-        return None
+    def __init__(self) -> None:
+        self.memberships = Memberships()
+        self._fanout: dict[str, int] = {}
+        self._next_fanout = itertools.count((os.getpid() * 97) & 0xFFFF)
+        #: Per worker incarnation (id, pid): interfaces whose capture socket it holds.
+        self._attached: dict[tuple[str, int | None], set[str]] = {}
+        self._warned: set[str] = set()
+
+    async def provision(self, slot: WorkerSlot, table: RuleTable) -> None:
+        key = (slot.id, slot.pid)
+        for stale in [k for k in self._attached if k[0] == slot.id and k != key]:
+            del self._attached[stale]
+        held = self._attached.setdefault(key, set())
+        rules = table.rules
+        for interface in sorted(input_interfaces(rules) - held):
+            if await self._attach(slot, interface, rules, provisioning=True):
+                held.add(interface)
 
     async def rules_changed(self, table: RuleTable, slots: list[WorkerSlot]) -> None:
-        return None
+        rules = table.rules
+        self.memberships.update(wanted_memberships(rules))
+        interfaces = input_interfaces(rules)
+        for slot in slots:
+            if not slot.channel_ready:
+                continue  # a starting worker gets its sockets in provision()
+            held = self._attached.setdefault((slot.id, slot.pid), set())
+            for interface in sorted(held - interfaces):
+                await slot.send(m.DetachCapture(interface=interface))
+                held.discard(interface)
+            for interface in sorted(interfaces - held):
+                if await self._attach(slot, interface, rules, provisioning=False):
+                    held.add(interface)
+        for interface in set(self._fanout) - interfaces:
+            del self._fanout[interface]
+
+    async def _attach(
+        self, slot: WorkerSlot, interface: str, rules: tuple[Rule, ...], *, provisioning: bool
+    ) -> bool:
+        try:
+            sock = self._open(interface, rules)
+        except OSError as exc:
+            if interface not in self._warned:
+                log.warning("cannot capture on %s: %s", interface, exc.strerror or exc)
+                self._warned.add(interface)
+            return False
+        self._warned.discard(interface)
+        try:
+            message = m.AttachCapture(interface=interface)
+            if provisioning:
+                await slot.send_during_provisioning(message, [sock.fileno()])
+                return True
+            return await slot.send(message, [sock.fileno()])
+        finally:
+            sock.close()
+
+    def _open(self, interface: str, rules: tuple[Rule, ...]) -> socket.socket:
+        program = bpf.compile_filter(filter_pairs(rules, interface))
+        for _ in range(16):
+            group = self._fanout.get(interface)
+            if group is None:
+                group = next(self._next_fanout) & 0xFFFF
+            try:
+                sock = open_capture_socket(interface, fanout_group=group, program=program)
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.EALREADY, errno.EADDRINUSE) and (
+                    interface not in self._fanout
+                ):
+                    continue  # that fanout id is taken in this namespace: try the next one
+                raise
+            self._fanout[interface] = group
+            return sock
+        raise OSError(errno.EADDRINUSE, "no free fanout group id")
+
+    def close(self) -> None:
+        self.memberships.close()

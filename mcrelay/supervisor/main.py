@@ -103,6 +103,8 @@ async def serve(
         except* WorkerFatal as group:
             log.critical("%s: exiting (--exit-on-fatal)", group.exceptions[0])
             fatal = True
+        finally:
+            sup.dataplane.close()
     if fatal:
         return 3
     log.info("supervisor stopped")

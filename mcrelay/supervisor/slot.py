@@ -105,13 +105,13 @@ class WorkerSlot:
             self._restart_requested = True
             self._launched.kill()
 
-    async def send(self, message: object) -> bool:
+    async def send(self, message: object, fds: list[int] | None = None) -> bool:
         """Send to the live, provisioned worker; False when there is none (it resyncs on start)."""
         launched = self._launched
         if launched is None or not self.channel_ready:
             return False
         try:
-            await launched.channel.send(message)
+            await launched.channel.send(message, fds)
         except ChannelClosed:
             return False
         return True

@@ -43,6 +43,9 @@ class ControlWorker:
     async def run(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
 
+    def close(self) -> None:
+        return None
+
     async def handle(self, message: Any) -> None:
         match message:
             case m.ListenSocket():

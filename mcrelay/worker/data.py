@@ -1,18 +1,101 @@
-"""The data-plane worker: holds the rule set the supervisor gave it and relays packets."""
+"""The data-plane worker: holds the rule set the supervisor gave it and relays packets.
+
+Per capture socket (one per input interface, passed by the supervisor) it maps a TPACKET_V3 ring
+and relays each retired block in one pass (``relay_loop``). Rules become per-interface route
+tables keyed by destination address and port; output sockets are opened when a rule is installed,
+never per packet. Counters live on the route objects and are pushed to the supervisor once a second.
+"""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
+import errno
+import ipaddress
 import logging
+import socket
 from typing import Any
 
 import trio
 
 from mcrelay import rules as rules_mod
+from mcrelay.dataplane import bpf
+from mcrelay.dataplane.egress import Destination, SendBatch, open_output_socket
+from mcrelay.dataplane.parse import Drop, parse_udp
+from mcrelay.dataplane.relay_loop import (
+    BlockCounts,
+    Output,
+    Route,
+    key_from_bytes,
+    relay_forever,
+    route_key,
+)
+from mcrelay.dataplane.ring import RxRing
 from mcrelay.ipc import messages as m
 from mcrelay.ipc.framing import FrameChannel
 from mcrelay.rules import Rule
 
 log = logging.getLogger("mcrelay.data")
+
+#: How often counters are pushed to the supervisor, and dead outputs are retried.
+STATS_INTERVAL = 1.0
+_GONE = frozenset({errno.ENODEV, errno.ENXIO, errno.ENETDOWN})
+
+
+@dataclasses.dataclass
+class _Capture:
+    interface: str
+    ring: RxRing
+    sock: socket.socket
+    scope: trio.CancelScope
+    table: dict[int, Route] = dataclasses.field(default_factory=dict)
+
+
+def _dead_socket() -> socket.socket:
+    """Stands in for an output whose interface is missing: every send fails (EPIPE) and is
+    counted as an egress error, and nothing ever leaves the host through it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+    return sock
+
+
+class _OutputSockets:
+    """One socket per (interface, ttl, multicast), shared by every output that matches it."""
+
+    def __init__(self) -> None:
+        self._socks: dict[tuple[str, int, bool], socket.socket] = {}
+        self.dead: set[tuple[str, int, bool]] = set()
+
+    def get(self, interface: str, ttl: int, multicast: bool) -> socket.socket:
+        key = (interface, ttl, multicast)
+        sock = self._socks.get(key)
+        if sock is None:
+            try:
+                sock = open_output_socket(interface, ttl=ttl, multicast=multicast)
+                self.dead.discard(key)
+            except OSError as exc:
+                if key not in self.dead:
+                    log.warning("output interface %s unusable: %s", interface, exc.strerror or exc)
+                sock = _dead_socket()
+                self.dead.add(key)
+            self._socks[key] = sock
+        return sock
+
+    def forget(self, keys: set[tuple[str, int, bool]]) -> None:
+        for key in keys:
+            sock = self._socks.pop(key, None)
+            if sock is not None:
+                sock.close()
+
+    def close(self) -> None:
+        self.forget(set(self._socks))
+
+
+def _output_key(out: rules_mod.Output) -> tuple[str, int, bool]:
+    return (out.interface, out.ttl, ipaddress.IPv4Address(out.group).is_multicast)
 
 
 class DataWorker:
@@ -20,9 +103,18 @@ class DataWorker:
         self._channel = channel
         self.worker_id = worker_id
         self.rules: dict[str, Rule] = {}
+        self._routes: dict[str, tuple[Rule, Route]] = {}
+        self._retired: dict[str, m.RuleCounters] = {}
+        self._captures: dict[str, _Capture] = {}
+        self._sockets = _OutputSockets()
+        self._drops: collections.Counter[str] = collections.Counter()
+        self._kernel_drops = 0
+        self._batch = SendBatch()
+        self._nursery: trio.Nursery | None = None
 
     async def run(self, nursery: trio.Nursery) -> None:
-        return None
+        self._nursery = nursery
+        nursery.start_soon(self._report_stats)
 
     async def handle(self, message: Any) -> None:
         match message:
@@ -35,10 +127,184 @@ class DataWorker:
                 for rule in added:
                     self.rules[rule.id] = rule
                 await self._rules_changed(seq)
+            case m.AttachCapture(interface=interface):
+                (fd,) = self._channel.take_fds(1)
+                self._attach(interface, socket.socket(fileno=fd))
+            case m.DetachCapture(interface=interface):
+                self._detach(interface)
             case _:
                 log.warning("unexpected %s from the supervisor", type(message).__name__)
 
+    def close(self) -> None:
+        for interface in list(self._captures):
+            self._detach(interface)
+        self._sockets.close()
+
+    # --- rules ----------------------------------------------------------------------------
+
     async def _rules_changed(self, seq: int) -> None:
+        self._rebuild_routes()
         await self._channel.send(
             m.RuleAck(seq=seq, count=len(self.rules), digest=rules_mod.digest(self.rules.values()))
         )
+
+    def _rebuild_routes(self) -> None:
+        old = self._routes
+        self._routes = {}
+        for rule in self.rules.values():
+            kept = old.pop(rule.id, None)
+            if kept is not None and kept[0] == rule:
+                self._routes[rule.id] = kept
+            else:
+                if kept is not None:
+                    self._retire(rule.id, kept[0], kept[1])
+                self._routes[rule.id] = (rule, self._make_route(rule))
+        for rule_id, (rule, route) in old.items():
+            self._retire(rule_id, rule, route)
+        in_use = {_output_key(o) for rule, _ in self._routes.values() for o in rule.outputs}
+        unused = {k for rule, _ in old.values() for o in rule.outputs if (k := _output_key(o))}
+        self._sockets.forget(unused - in_use)
+        for capture in self._captures.values():
+            self._install(capture)
+
+    def _make_route(self, rule: Rule) -> Route:
+        outputs = tuple(
+            Output(sock=self._sockets.get(*_output_key(o)), dest=Destination(o.group, o.port))
+            for o in rule.outputs
+        )
+        source = rule.input.source
+        return Route(outputs=outputs, source=int(ipaddress.IPv4Address(source)) if source else None)
+
+    def _install(self, capture: _Capture) -> None:
+        """Point the capture's route table and kernel filter at the current rules."""
+        by_key: dict[int, list[Route]] = {}
+        pairs = []
+        for rule, route in self._routes.values():
+            if rule.input.interface != capture.interface:
+                continue
+            key = route_key(rule.input.group, rule.input.port)
+            pairs.append((rule.input.group, rule.input.port))
+            by_key.setdefault(key, []).append(route)
+        capture.table = {key: Route.switch(routes) for key, routes in by_key.items()}
+        bpf.attach(capture.sock, bpf.compile_filter(pairs))
+
+    def _retire(self, rule_id: str, rule: Rule, route: Route) -> None:
+        """Keep a replaced route's counts, so this worker's totals never go backwards."""
+        now = self._counters(rule, route)
+        before = self._retired.get(rule_id)
+        if before is not None:
+            now = _add(before, now)
+        self._retired[rule_id] = now
+
+    # --- captures -------------------------------------------------------------------------
+
+    def _attach(self, interface: str, sock: socket.socket) -> None:
+        self._detach(interface)
+        sock.setblocking(False)
+        try:
+            ring = RxRing(sock)
+        except OSError as exc:
+            log.error("cannot map a receive ring on %s: %s", interface, exc)
+            sock.close()
+            return
+        capture = _Capture(interface, ring, sock, trio.CancelScope())
+        self._install(capture)
+        self._captures[interface] = capture
+        assert self._nursery is not None
+        self._nursery.start_soon(self._relay, capture)
+        log.info("capturing on %s", interface)
+
+    def _detach(self, interface: str) -> None:
+        capture = self._captures.pop(interface, None)
+        if capture is not None:
+            capture.scope.cancel()
+
+    async def _relay(self, capture: _Capture) -> None:
+        def counted(counts: BlockCounts) -> None:
+            if counts.unmatched:
+                self._drops["no_rule"] += counts.unmatched
+            if counts.filtered:
+                self._drops["source_filtered"] += counts.filtered
+
+        try:
+            with capture.scope:
+                await relay_forever(capture.ring, capture, self._batch, self._slow, counted)
+        except OSError as exc:
+            log.error("capture on %s failed: %s", capture.interface, exc)
+        finally:
+            self._kernel_drops += capture.ring.stats().drops
+            capture.ring.close()
+            if self._captures.get(capture.interface) is capture:
+                del self._captures[capture.interface]
+
+    def _slow(self, frame: bytes, vlan: int | None) -> tuple[int, int, int, int] | None:
+        """Frames the fast path declines: parse fully, count what cannot be relayed."""
+        parsed = parse_udp(frame)
+        if isinstance(parsed, Drop):
+            self._drops[parsed.label] += 1
+            return None
+        key, src, start, end = parsed
+        return key_from_bytes(key), start, end - start, int.from_bytes(src, "big")
+
+    # --- statistics -----------------------------------------------------------------------
+
+    def _counters(self, rule: Rule, route: Route) -> m.RuleCounters:
+        return m.RuleCounters(
+            packets_in=route.packets,
+            bytes_in=route.bytes,
+            outputs={
+                str(o): m.OutputCounters(out.packets, out.bytes, out.errors)
+                for o, out in zip(rule.outputs, route.outputs, strict=True)
+            },
+        )
+
+    def report(self) -> m.StatsReport:
+        rules: dict[str, m.RuleCounters] = dict(self._retired)
+        for rule_id, (rule, route) in self._routes.items():
+            live = self._counters(rule, route)
+            rules[rule_id] = _add(rules[rule_id], live) if rule_id in rules else live
+        kernel = self._kernel_drops + sum(c.ring.stats().drops for c in self._captures.values())
+        return m.StatsReport(rules=rules, drops=dict(self._drops), kernel_drops=kernel)
+
+    async def _report_stats(self) -> None:
+        while True:
+            await trio.sleep(STATS_INTERVAL)
+            self._revive_outputs()
+            await self._channel.send(self.report())
+
+    def _revive_outputs(self) -> None:
+        """Reopen outputs whose interface was missing or has gone away and come back."""
+        stale = set(self._sockets.dead)
+        for rule, route in self._routes.values():
+            for o, out in zip(rule.outputs, route.outputs, strict=True):
+                if out.last_error in _GONE:
+                    stale.add(_output_key(o))
+                    out.last_error = 0
+        if not stale:
+            return
+        self._sockets.forget(stale)
+        changed = False
+        for rule, route in list(self._routes.values()):
+            if any(_output_key(o) in stale for o in rule.outputs):
+                route.outputs = tuple(
+                    dataclasses.replace(out, sock=self._sockets.get(*_output_key(o)))
+                    for o, out in zip(rule.outputs, route.outputs, strict=True)
+                )
+                changed = True
+        if changed:
+            for capture in self._captures.values():
+                self._install(capture)
+
+
+def _add(a: m.RuleCounters, b: m.RuleCounters) -> m.RuleCounters:
+    outputs = dict(a.outputs)
+    for key, oc in b.outputs.items():
+        prev = outputs.get(key)
+        outputs[key] = (
+            oc
+            if prev is None
+            else m.OutputCounters(
+                prev.packets + oc.packets, prev.bytes + oc.bytes, prev.errors + oc.errors
+            )
+        )
+    return m.RuleCounters(a.packets_in + b.packets_in, a.bytes_in + b.bytes_in, outputs)

@@ -31,6 +31,10 @@ class WorkerImpl(Protocol):
         """A message from the supervisor that the common loop does not handle itself."""
         ...
 
+    def close(self) -> None:
+        """Release sockets and rings; the worker is exiting."""
+        ...
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mcrelay.worker")
@@ -69,10 +73,13 @@ async def _run(kind: m.WorkerKind, worker_id: str, fd: int, hang: bool) -> int:
             m.Hello(version=m.PROTOCOL_VERSION, role=kind, worker_id=worker_id, pid=os.getpid())
         )
         impl = _make_impl(kind, worker_id, channel)
-        async with trio.open_nursery() as nursery:
-            await impl.run(nursery)
-            await _obey(channel, impl, hang)
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                await impl.run(nursery)
+                await _obey(channel, impl, hang)
+                nursery.cancel_scope.cancel()
+        finally:
+            impl.close()
     except ChannelClosed:
         log.info("supervisor went away: exiting")
         return 0

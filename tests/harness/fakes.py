@@ -33,10 +33,13 @@ async def healthy(channel: FrameChannel, worker: FakeWorker) -> int:
     await _greet(channel, worker)
     data = DataWorker(channel, worker.spec.worker_id)
     worker.impl = data
-    async with trio.open_nursery() as nursery:
-        await data.run(nursery)
-        await _obey(channel, data, hang=False)
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await data.run(nursery)
+            await _obey(channel, data, hang=False)
+            nursery.cancel_scope.cancel()
+    finally:
+        data.close()
     return 0
 
 

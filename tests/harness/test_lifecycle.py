@@ -26,16 +26,18 @@ SETTINGS = SupervisorSettings(num_workers=1, max_failures=1000)
 async def running(
     settings: SupervisorSettings = SETTINGS, script: dict[str, list[fakes.Behaviour]] | None = None
 ) -> AsyncIterator[tuple[Supervisor, fakes.FakeLauncher]]:
-    async with trio.open_nursery() as fake_procs:
-        launcher = fakes.FakeLauncher(fake_procs)
-        for worker_id, behaviours in (script or {}).items():
-            launcher.script(worker_id, *behaviours)
-        sup = Supervisor(settings, launcher)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sup.run)
-            yield sup, launcher
-            nursery.cancel_scope.cancel()
-        fake_procs.cancel_scope.cancel()
+    # Virtual seconds: a stuck test fails here instead of spinning the autojump clock forever.
+    with trio.fail_after(600):
+        async with trio.open_nursery() as fake_procs:
+            launcher = fakes.FakeLauncher(fake_procs)
+            for worker_id, behaviours in (script or {}).items():
+                launcher.script(worker_id, *behaviours)
+            sup = Supervisor(settings, launcher)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sup.run)
+                yield sup, launcher
+                nursery.cancel_scope.cancel()
+            fake_procs.cancel_scope.cancel()
 
 
 def gaps(workers: list[fakes.FakeWorker]) -> list[float]:

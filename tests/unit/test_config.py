@@ -30,7 +30,7 @@ outputs = ["239.10.1.2:5000:eth1"]
 
 def test_parse_and_round_trip() -> None:
     rules = config.parse(GOOD)
-    assert [r.id for r in rules][0] == "cam1"
+    assert rules[0].id == "cam1"
     assert rules[0].outputs[1].ttl == 32
     assert rules[1].input.source == "10.0.0.5"
     assert config.parse(config.dump(rules)) == rules
@@ -69,4 +69,5 @@ def test_any_text_loads_or_fails_with_a_message(text: str) -> None:
     try:
         config.parse(text)
     except ConfigError as exc:
-        assert str(exc)
+        message = str(exc)
+        assert message

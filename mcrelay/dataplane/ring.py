@@ -1,0 +1,240 @@
+"""A TPACKET_V3 receive ring: frames arrive in shared memory, with no system call per packet.
+
+The kernel fills fixed-size blocks in ring order and hands each one to user space (status
+TP_STATUS_USER) when it is full or its retire timer expires; the socket polls readable then.
+User space walks the block's frames in place and hands it back (TP_STATUS_KERNEL). If every
+block is still held, the kernel freezes the queue and drops frames until the next block in ring
+order comes back, so blocks must be released promptly, and only after egress is done with
+buffers that point into them.
+
+Layouts (<linux/if_packet.h>), little-endian on every architecture Linux runs this on:
+``tpacket_block_desc`` (48 bytes: version, offset_to_priv, block_status, num_pkts,
+offset_to_first_pkt, blk_len, seq_num, timestamps), then frames, each a ``tpacket3_hdr``
+(48 bytes) followed by a ``sockaddr_ll`` and, at ``tp_mac``, the frame itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import NamedTuple, Self
+
+__all__ = ["Block", "Frame", "RingStats", "RxRing"]
+
+SOL_PACKET = 263
+PACKET_RX_RING = 5
+PACKET_STATISTICS = 6
+PACKET_VERSION = 10
+TPACKET_V3 = 2
+
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1 << 0
+TP_STATUS_COPY = 1 << 1  # V1/V2 only: frame truncated in the ring, whole copy queued
+TP_STATUS_LOSING = 1 << 2  # block: frames were dropped since statistics were last read
+TP_STATUS_CSUMNOTREADY = 1 << 3
+TP_STATUS_VLAN_VALID = 1 << 4  # the kernel stripped the outer tag into tp_vlan_tci
+TP_STATUS_BLK_TMO = 1 << 5  # block retired by the timer, not because it was full
+TP_STATUS_VLAN_TPID_VALID = 1 << 6
+
+PACKET_OUTGOING = 4
+
+TPACKET3_HDRLEN = 48 + 20  # TPACKET_ALIGN(sizeof(tpacket3_hdr)) + sizeof(sockaddr_ll)
+
+# tpacket_block_desc: block_status, num_pkts, offset_to_first_pkt, blk_len, seq_num
+_BLOCK = struct.Struct("<8xIIII Q")
+_STATUS = struct.Struct("<I")
+_BLOCK_STATUS_AT = 8
+# tpacket3_hdr: next_offset, snaplen, len, status, mac, vlan_tci; sockaddr_ll: pkttype
+_FRAME = struct.Struct("<I8xIIIH6xI22xB")
+_STATS = struct.Struct("=III")
+_REQ3 = struct.Struct("=7I")
+
+
+class Frame(NamedTuple):
+    """One captured frame; its bytes are ``ring.buffer[mac : mac + snaplen]``."""
+
+    mac: int  # offset of the Ethernet header in the ring's mapping
+    snaplen: int  # bytes captured
+    length: int  # bytes on the wire (> snaplen: truncated)
+    pkttype: int  # sockaddr_ll.sll_pkttype: PACKET_HOST, PACKET_MULTICAST, ...
+    status: int  # tp_status flags
+    vlan_tci: int | None  # outer 802.1Q tag the kernel stripped, if any
+
+
+@dataclass
+class RingStats:
+    """Counters accumulated over every read, since reading PACKET_STATISTICS resets them."""
+
+    packets: int = 0  # frames the socket was offered, drops included (the kernel's count)
+    drops: int = 0  # frames lost because no block was free
+    freezes: int = 0  # times the kernel found the ring full and froze it
+
+
+class Block:
+    """A block the kernel handed over; walk it, then `release` it exactly once."""
+
+    __slots__ = ("_released", "count", "first", "index", "offset", "ring", "seq", "status")
+
+    def __init__(self, ring: RxRing, index: int, offset: int) -> None:
+        status, count, first, _length, seq = _BLOCK.unpack_from(ring.buffer, offset)
+        self.ring = ring
+        self.index = index
+        self.offset = offset  # of the block in ring.buffer
+        self.status = status
+        self.count = count  # frames in the block
+        self.first = offset + first  # of the first frame header in ring.buffer
+        self.seq = seq
+        self._released = False
+
+    @property
+    def losing(self) -> bool:
+        """Frames were dropped before this block was closed: read `RxRing.stats` to count them."""
+        return bool(self.status & TP_STATUS_LOSING)
+
+    def frames(self) -> Iterator[Frame]:
+        """Every frame, as `Frame` tuples (convenient; the relay loop walks blocks inline)."""
+        buf = self.ring.buffer
+        off = self.first
+        for _ in range(self.count):
+            nxt, snaplen, length, status, mac, tci, pkttype = _FRAME.unpack_from(buf, off)
+            vlan = tci if status & TP_STATUS_VLAN_VALID else None
+            yield Frame(off + mac, snaplen, length, pkttype, status, vlan)
+            off += nxt
+
+    def release(self) -> None:
+        """Hand the block back to the kernel; nothing may point into it any more."""
+        if self._released:
+            return
+        self._released = True
+        _STATUS.pack_into(self.ring.buffer, self.offset + _BLOCK_STATUS_AT, TP_STATUS_KERNEL)
+
+
+class RxRing:
+    """A PACKET_RX_RING (TPACKET_V3) mapped over a bound AF_PACKET socket; owns the socket.
+
+    Defaults: 64 blocks of 1 MiB (about 60k frames of 1 KiB payload, a quarter second at
+    250k pps) and a 2 ms retire timeout, so a lone frame waits at most that long (rounded up to
+    a jiffy on kernels whose retire timer is jiffy based). `frame_size` only has to satisfy the
+    kernel's checks: V3 frames are packed at their own length.
+
+    A ring left on the socket by a previous owner is replaced; the kernel refuses that while
+    the previous mapping is alive.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        block_size: int = 1 << 20,
+        block_count: int = 64,
+        frame_size: int = 2048,
+        retire_ms: int = 2,
+    ) -> None:
+        if block_size <= 0 or block_size % mmap.PAGESIZE or block_size & (block_size - 1):
+            raise ValueError(
+                f"block_size must be a power-of-two multiple of the page size: {block_size}"
+            )
+        if frame_size % 16 or not TPACKET3_HDRLEN < frame_size <= block_size:
+            raise ValueError(f"frame_size must be a multiple of 16 within the block: {frame_size}")
+        if block_count <= 0 or retire_ms <= 0:
+            raise ValueError("block_count and retire_ms must be positive")
+        self._sock = sock
+        self.block_size = block_size
+        self.block_count = block_count
+        self._next = 0
+        self._stats = RingStats()
+        req = _REQ3.pack(
+            block_size, block_count, frame_size, (block_size // frame_size) * block_count,
+            retire_ms, 0, 0,
+        )  # fmt: skip
+        try:
+            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            # A ring exists; tearing it down also resets the version lock.
+            sock.setsockopt(SOL_PACKET, PACKET_RX_RING, _REQ3.pack(0, 0, 0, 0, 0, 0, 0))
+            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+        sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+        self.buffer = mmap.mmap(sock.fileno(), block_size * block_count, mmap.MAP_SHARED)
+        self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self.buffer)
+        self.address = ctypes.addressof(self._anchor)  # of ring.buffer[0], for zero-copy sends
+
+    def fileno(self) -> int:
+        """Readable when a block was retired (for `trio.lowlevel.wait_readable`)."""
+        return self._sock.fileno()
+
+    def next_block(self) -> Block | None:
+        """The next block in ring order if the kernel handed it over, else None.
+
+        Blocks come in ring order, so more than one may be held; release each before waiting for
+        readability again, or the socket keeps polling readable.
+        """
+        offset = self._next * self.block_size
+        (status,) = _STATUS.unpack_from(self.buffer, offset + _BLOCK_STATUS_AT)
+        if not status & TP_STATUS_USER:
+            return None
+        block = Block(self, self._next, offset)
+        self._next = (self._next + 1) % self.block_count
+        return block
+
+    def resync(self) -> bool:
+        """Point `next_block` at the oldest block user space holds; False if it holds none.
+
+        Only for a loop that polled readable but found its next block not ready: the kernel
+        and this reader walk the ring in the same order from block 0, so this should not happen.
+        """
+        held = []
+        for index in range(self.block_count):
+            offset = index * self.block_size
+            status, _count, _first, _length, seq = _BLOCK.unpack_from(self.buffer, offset)
+            if status & TP_STATUS_USER:
+                held.append((seq, index))
+        if not held:
+            return False
+        self._next = min(held)[1]
+        return True
+
+    def stats(self) -> RingStats:
+        """Read (and so reset) the kernel counters; return the totals since the ring was made."""
+        raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS.size)
+        packets, drops, freezes = _STATS.unpack(raw)
+        s = self._stats
+        s.packets += packets
+        s.drops += drops
+        s.freezes += freezes
+        return RingStats(s.packets, s.drops, s.freezes)
+
+    def error(self) -> int:
+        """Take the socket's pending error (ENETDOWN after the link went down), 0 if none.
+
+        A pending error keeps the socket polling readable with no block ready, so a loop that
+        woke for nothing must take it.
+        """
+        return self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+    def close(self) -> None:
+        """Unmap the ring and close the socket; `Frame` views into `buffer` must be gone."""
+        self._anchor = None
+        try:
+            if not self.buffer.closed:
+                self.buffer.close()
+        finally:
+            self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
