@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mcrelay import client, config
+from mcrelay import __version__, client, config
 from mcrelay import rules as rules_mod
 from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
@@ -35,6 +35,23 @@ app.command("gen")(gen_command)
 app.command("sink")(sink_command)
 config_app = typer.Typer(help="Show, check, load and save rule files (TOML).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mcrelay {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Relay multicast UDP across boundaries that kernel routing cannot cross."""
+
 
 SocketOpt = Annotated[
     Path,
@@ -102,7 +119,7 @@ def supervisor(
         float, typer.Option(help="A worker silent this long is killed, seconds.", min=0.1)
     ] = 3.0,
     max_failures: Annotated[
-        int, typer.Option(help="Failures within --failure-window that make a worker fatal.", min=1)
+        int, typer.Option(help="More failures than this within --failure-window: fatal.", min=1)
     ] = 10,
     failure_window: Annotated[
         float, typer.Option(help="Window for --max-failures, seconds.", min=1)
@@ -139,7 +156,13 @@ def supervisor(
     )
     try:
         code = trio.run(
-            partial(serve, settings, initial_rules=initial, dataplane=KernelDataPlane())
+            partial(
+                serve,
+                settings,
+                initial_rules=initial,
+                dataplane=KernelDataPlane(),
+                config_file=config_file,
+            )
         )
     except McrelayError as exc:
         raise fail(str(exc), 2) from None
@@ -348,5 +371,7 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # last resort: a bug must still not print a traceback
+        while isinstance(exc, ExceptionGroup):
+            exc = exc.exceptions[0]
         typer.echo(f"mcrelay: internal error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(70)

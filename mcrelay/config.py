@@ -50,6 +50,7 @@ def parse(text: str, source: str = "<config>") -> tuple[Rule, ...]:
     lines = [text.count("\n", 0, m.start()) + 1 for m in _RULE_HEADER.finditer(text)]
     result: list[Rule] = []
     ids: set[str] = set()
+    inputs: dict[tuple[str, str, int, str | None], str] = {}
     for index, entry in enumerate(entries):
         where = f"{source}: rule {index + 1}"
         if index < len(lines):
@@ -60,7 +61,13 @@ def parse(text: str, source: str = "<config>") -> tuple[Rule, ...]:
             raise ConfigError(f"{where}: {exc}") from None
         if rule.id in ids:
             raise ConfigError(f"{where}: duplicate rule id {rule.id!r}")
+        if rule.match_key in inputs:
+            raise ConfigError(
+                f"{where}: same input as rule {inputs[rule.match_key]!r} "
+                f"({rule.input.group}:{rule.input.port} on {rule.input.interface})"
+            )
         ids.add(rule.id)
+        inputs[rule.match_key] = rule.id
         result.append(rule)
     return tuple(result)
 

@@ -15,7 +15,8 @@ import msgspec
 
 from mcrelay.errors import RuleError
 
-#: Multicast TTL of an output unless the rule says otherwise: enough to cross a few routers.
+#: TTL of an output (multicast or unicast) unless the rule says otherwise: enough to cross a
+#: few routers.
 DEFAULT_TTL = 16
 MAX_OUTPUTS = 64
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")

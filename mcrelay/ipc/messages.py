@@ -93,7 +93,7 @@ class RuleCounters(msgspec.Struct):
 
     packets_in: int = 0
     bytes_in: int = 0
-    #: Keyed by the output's text form (``ADDR:PORT:IF``), stable across rule edits.
+    #: Keyed by the output's text form (``ADDR:PORT:IF[:TTL]``), stable across rule edits.
     outputs: dict[str, OutputCounters] = msgspec.field(default_factory=dict)
 
 

@@ -7,6 +7,7 @@ plumbing are injected, so the test harness can drive it with fake workers under 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -69,6 +70,8 @@ class Supervisor:
         self.stats = StatsBook()
         self.log_level = trio_util.AsyncValue(settings.log_level)
         self._changes = trio.Lock()
+        #: Actions the control role runs once the current reply has been sent.
+        self.after_reply: list[Callable[[], None]] = []
         data_role = _DataRole(self)
         self.slots: dict[str, WorkerSlot] = {}
         if listen_fd is not None:
@@ -113,14 +116,16 @@ class Supervisor:
     async def _apply(self, update: m.RuleUpdate) -> None:
         """Push a committed change to running workers and wait (bounded) for their acks."""
         slots = self.data_slots
-        await self.dataplane.rules_changed(self.table, slots)
+        try:
+            await self.dataplane.rules_changed(self.table, slots)
+        except Exception:  # a plumbing bug must not take the daemon and its rules down
+            log.exception("applying rule change %d to the kernel failed", update.seq)
         sent = [slot for slot in slots if await slot.send(update)]
         with trio.move_on_after(self.settings.ack_timeout):
             for slot in sent:
                 await slot.acked_seq.wait_value(lambda v: v >= update.seq)
 
     async def on_ack(self, slot: WorkerSlot, ack: m.RuleAck) -> None:
-        slot.rule_count = ack.count
         expected = self.table.digest_at(ack.seq)
         if expected != ack.digest:
             log.warning(
@@ -134,6 +139,7 @@ class Supervisor:
                 m.RuleSync(seq=self.table.seq, rules=self.table.rules)
             )
             return
+        slot.rule_count = ack.count
         if ack.seq > slot.acked_seq.value:
             slot.acked_seq.value = ack.seq
 
@@ -188,7 +194,11 @@ class Supervisor:
                 if slot is None:
                     known = ", ".join(self.slots)
                     raise McrelayError(f"no worker {worker_id!r} (workers: {known})")
-                slot.restart_now()
+                if slot.spec.kind == "control":
+                    # It carries this very reply: restart it once the reply is on its way.
+                    self.after_reply.append(slot.restart_now)
+                else:
+                    slot.restart_now()
                 return {"id": worker_id}
         raise McrelayError(f"unsupported request {type(request).__name__}")
 
@@ -238,3 +248,5 @@ class _ControlRole:
     async def _answer(self, slot: WorkerSlot, request: m.ControlRequest) -> None:
         reply = await self._sup.execute(request.request)
         await slot.send(m.ControlReply(req_id=request.req_id, reply=reply))
+        while self._sup.after_reply:
+            self._sup.after_reply.pop(0)()

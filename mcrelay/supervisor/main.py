@@ -14,7 +14,9 @@ from pathlib import Path
 
 import trio
 
-from mcrelay.errors import SupervisorRunning
+from mcrelay import config
+from mcrelay.errors import ConfigError, SupervisorRunning
+from mcrelay.ipc.messages import ReplaceRules
 from mcrelay.rules import Rule
 from mcrelay.supervisor.core import DataPlane, Supervisor
 from mcrelay.supervisor.launcher import ProcessLauncher
@@ -64,8 +66,7 @@ def control_socket(path: Path) -> Iterator[socket.socket]:
             sock.close()
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            with contextlib.suppress(FileNotFoundError):
-                lock_path.unlink()
+            # The lock file stays: unlinking it while locked would let two starters race.
     finally:
         lock.close()
 
@@ -75,6 +76,7 @@ async def serve(
     *,
     initial_rules: tuple[Rule, ...] = (),
     dataplane: DataPlane | None = None,
+    config_file: Path | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; the process exit code."""
     table = RuleTable()
@@ -98,10 +100,10 @@ async def serve(
         )
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                nursery.start_soon(_handle_signals, nursery.cancel_scope, sup, config_file)
                 await nursery.start(sup.run)
         except* WorkerFatal as group:
-            log.critical("%s: exiting (--exit-on-fatal)", group.exceptions[0])
+            log.critical("%s: exiting (--exit-on-fatal)", leaf(group))
             fatal = True
         finally:
             sup.dataplane.close()
@@ -111,9 +113,39 @@ async def serve(
     return 0
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+def leaf(error: BaseException) -> BaseException:
+    """The first real exception inside (possibly nested) exception groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+async def _handle_signals(
+    scope: trio.CancelScope, sup: Supervisor, config_file: Path | None
+) -> None:
+    """SIGTERM/SIGINT stop the daemon; SIGHUP reloads the --config file."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                await reload_config(sup, config_file)
+                continue
             log.info("%s: stopping", signal.Signals(signum).name)
             scope.cancel()
             return
+
+
+async def reload_config(sup: Supervisor, config_file: Path | None) -> None:
+    """Apply the difference between the file and the table; a bad file changes nothing."""
+    if config_file is None:
+        log.warning("SIGHUP: the supervisor was started without --config: nothing to reload")
+        return
+    try:
+        rules = config.load(config_file)
+    except ConfigError as exc:
+        log.error("SIGHUP: %s; nothing changed", exc)
+        return
+    reply = await sup.execute(ReplaceRules(rules=rules))
+    if reply.ok:
+        log.info("SIGHUP: reloaded %s (%d rules)", config_file, len(rules))
+    else:
+        log.error("SIGHUP: %s: %s; nothing changed", config_file, reply.error)

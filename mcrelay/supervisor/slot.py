@@ -143,16 +143,19 @@ class WorkerSlot:
                 self.consecutive_failures += 1
                 delay = policy.delay(self.consecutive_failures)
                 if self.intensity.record(now):
+                    if self._settings.exit_on_fatal:
+                        raise WorkerFatal(
+                            f"worker {self.id} failed more than {self.intensity.max_failures} "
+                            f"times within {self.intensity.window:g} s"
+                        )
                     log.critical(
-                        "worker %s failed more than %d times within %.0f s: it is fatal "
-                        "(still retried every %.1f s)",
+                        "worker %s failed more than %d times within %g s: it is fatal "
+                        "(still retried every %g s)",
                         self.id,
                         self.intensity.max_failures,
                         self.intensity.window,
                         policy.maximum,
                     )
-                    if self._settings.exit_on_fatal:
-                        raise WorkerFatal(f"worker {self.id} exceeded its restart intensity")
                     delay = policy.maximum
                     self._fire(Event.DIED_TOO_OFTEN)
                 else:
@@ -195,6 +198,7 @@ class WorkerSlot:
                 if status is None:
                     await self._stop(launched)
                 launched.close()
+            self.pid = None
         if self._restart_requested:
             log.info("worker %s (pid %d) replaced on request", self.id, launched.pid)
             return "restart"
@@ -251,6 +255,9 @@ class WorkerSlot:
             log.error("worker %s broke the protocol: %s", self.id, group.exceptions[0])
             launched.kill()
         except* ChannelClosed:
+            # Usually the worker is exiting: its exit (seen by _run_once, which then cancels
+            # this task) normally comes first, so the real status is reported, not our SIGKILL.
+            await trio.sleep(settings.stop_grace)
             launched.kill()
 
     async def _read_loop(self, launched: Launched, nursery: trio.Nursery) -> None:

@@ -21,7 +21,7 @@ import trio
 
 from mcrelay import rules as rules_mod
 from mcrelay.dataplane import bpf
-from mcrelay.dataplane.egress import Destination, SendBatch, open_output_socket
+from mcrelay.dataplane.egress import Destination, SendBatch, open_output_socket, udp_gso_max
 from mcrelay.dataplane.parse import Drop, parse_udp
 from mcrelay.dataplane.relay_loop import (
     BlockCounts,
@@ -66,29 +66,31 @@ class _OutputSockets:
     """One socket per (interface, ttl, multicast), shared by every output that matches it."""
 
     def __init__(self) -> None:
-        self._socks: dict[tuple[str, int, bool], socket.socket] = {}
+        self._socks: dict[tuple[str, int, bool], tuple[socket.socket, int]] = {}
         self.dead: set[tuple[str, int, bool]] = set()
 
-    def get(self, interface: str, ttl: int, multicast: bool) -> socket.socket:
+    def get(self, interface: str, ttl: int, multicast: bool) -> tuple[socket.socket, int]:
+        """The socket and its UDP GSO segment limit (0: one datagram per message)."""
         key = (interface, ttl, multicast)
-        sock = self._socks.get(key)
-        if sock is None:
+        entry = self._socks.get(key)
+        if entry is None:
             try:
                 sock = open_output_socket(interface, ttl=ttl, multicast=multicast)
+                entry = (sock, udp_gso_max(interface))
                 self.dead.discard(key)
             except OSError as exc:
                 if key not in self.dead:
                     log.warning("output interface %s unusable: %s", interface, exc.strerror or exc)
-                sock = _dead_socket()
+                entry = (_dead_socket(), 0)
                 self.dead.add(key)
-            self._socks[key] = sock
-        return sock
+            self._socks[key] = entry
+        return entry
 
     def forget(self, keys: set[tuple[str, int, bool]]) -> None:
         for key in keys:
-            sock = self._socks.pop(key, None)
-            if sock is not None:
-                sock.close()
+            entry = self._socks.pop(key, None)
+            if entry is not None:
+                entry[0].close()
 
     def close(self) -> None:
         self.forget(set(self._socks))
@@ -168,12 +170,14 @@ class DataWorker:
             self._install(capture)
 
     def _make_route(self, rule: Rule) -> Route:
-        outputs = tuple(
-            Output(sock=self._sockets.get(*_output_key(o)), dest=Destination(o.group, o.port))
-            for o in rule.outputs
-        )
+        outputs = []
+        for o in rule.outputs:
+            sock, gso_max = self._sockets.get(*_output_key(o))
+            outputs.append(Output(sock, Destination(o.group, o.port), gso_max))
         source = rule.input.source
-        return Route(outputs=outputs, source=int(ipaddress.IPv4Address(source)) if source else None)
+        return Route(
+            outputs=tuple(outputs), source=int(ipaddress.IPv4Address(source)) if source else None
+        )
 
     def _install(self, capture: _Capture) -> None:
         """Point the capture's route table and kernel filter at the current rules."""
@@ -286,10 +290,11 @@ class DataWorker:
         changed = False
         for rule, route in list(self._routes.values()):
             if any(_output_key(o) in stale for o in rule.outputs):
-                route.outputs = tuple(
-                    dataclasses.replace(out, sock=self._sockets.get(*_output_key(o)))
-                    for o, out in zip(rule.outputs, route.outputs, strict=True)
-                )
+                outputs = []
+                for o, out in zip(rule.outputs, route.outputs, strict=True):
+                    sock, gso_max = self._sockets.get(*_output_key(o))
+                    outputs.append(dataclasses.replace(out, sock=sock, gso_max=gso_max))
+                route.outputs = tuple(outputs)
                 changed = True
         if changed:
             for capture in self._captures.values():

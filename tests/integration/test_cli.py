@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import Daemon, cli, daemon
+from tests.integration.daemon import Daemon, cli, daemon, wait_for
 
 IN = ["--input-interface", "in0", "--input-port", "5000"]
 
@@ -212,3 +212,42 @@ def test_supervisor_bad_options(tmp_path: Path) -> None:
     result = cli("supervisor", "--control-socket", str(tmp_path / "s"), "--log-level", "loud")
     assert result.returncode == 2 and "--log-level" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sighup_reloads_the_config_file(tmp_path: Path) -> None:
+    import signal
+
+    rule = '[[rule]]\nid = "{id}"\ninput-interface = "in0"\ninput-group = "239.1.1.{n}"\n'
+    rule += 'input-port = 5000\noutputs = ["239.2.2.2:5000:out0"]\n'
+    conf = tmp_path / "rules.toml"
+    conf.write_text(rule.format(id="a", n=1))
+    with daemon(tmp_path, "--num-workers", "1", "--config", str(conf)) as d:
+        d.wait_running()
+        conf.write_text(rule.format(id="b", n=2) + "\n" + rule.format(id="c", n=3))
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: [r["id"] for r in json.loads(d.ok("rules", "--json"))] == ["b", "c"])
+        conf.write_text("broken [")
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "nothing changed" in d.log.read_text())
+        assert [r["id"] for r in json.loads(d.ok("rules", "--json"))] == ["b", "c"]
+        assert d.workers()["data-0"]["restarts"] == 0
+
+
+def test_restart_control_worker_answers_first(relay: Daemon) -> None:
+    old = relay.workers()["control"]["pid"]
+    assert relay.ok("restart-worker", "control") == "restarting control\n"
+    relay.wait_replaced("control", old)
+
+
+def test_config_check_refuses_duplicate_inputs(tmp_path: Path) -> None:
+    conf = tmp_path / "dup.toml"
+    one = '[[rule]]\nid = "{id}"\ninput-interface = "in0"\ninput-group = "239.1.1.1"\n'
+    one += 'input-port = 5000\noutputs = ["239.2.2.2:5000:out0"]\n'
+    conf.write_text(one.format(id="a") + "\n" + one.format(id="b"))
+    result = cli("config", "check", str(conf))
+    assert result.returncode == 2
+    assert "rule 2 (line 7): same input as rule 'a'" in result.stderr
+
+
+def test_version() -> None:
+    assert cli("--version").stdout.startswith("mcrelay ")
