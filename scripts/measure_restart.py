@@ -23,7 +23,9 @@ from tests.integration.daemon import daemon, wait_for
 def main(n: int) -> None:
     with (
         tempfile.TemporaryDirectory() as tmp,
-        daemon(Path(tmp), "--num-workers", "2", "--stable-after", "0.5") as d,
+        daemon(
+            Path(tmp), "--num-workers", "2", "--stable-after", "0.5", "--max-failures", "1000"
+        ) as d,
     ):
         d.wait_running()
         d.ok(
