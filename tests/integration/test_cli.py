@@ -251,3 +251,11 @@ def test_config_check_refuses_duplicate_inputs(tmp_path: Path) -> None:
 
 def test_version() -> None:
     assert cli("--version").stdout.startswith("mcrelay ")
+
+
+def test_same_group_on_two_interfaces_is_two_rules(relay: Daemon) -> None:
+    out = ["--input-group", "239.1.1.1", "--input-port", "5000", "--output", "239.2.2.2:5000:o"]
+    a = relay.ok("add", "--input-interface", "in0", *out).strip()
+    b = relay.ok("add", "--input-interface", "in1", *out).strip()
+    assert a != b
+    assert len(json.loads(relay.ok("rules", "--json"))) == 2

@@ -258,3 +258,49 @@ def test_thousand_rules_on_distinct_groups(
         run_gen(chain.gen, "239.10.3.250", 5000, "--rate", "10000", "--count", "1000")
         report = s.result()
     assert (report["received"], report["lost"]) == (1000, 0)
+
+
+def test_group_is_left_when_its_last_rule_goes(chain: topology.Chain, relay: Daemon) -> None:
+    def joined() -> bool:
+        return GROUP in chain.relay.run("ip", "maddr", "show", "dev", chain.relay_in)
+
+    first = add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}")
+    second = add(relay, chain, f"{OUT_GROUP}:{OUT_PORT + 1}:{chain.relay_out}", port=PORT + 1)
+    assert joined()
+    relay.ok("remove", first)
+    assert joined()  # still needed by the second rule
+    relay.ok("remove", second)
+    assert not joined()
+
+
+def test_source_specific_rules(chain: topology.Chain, relay: Daemon) -> None:
+    add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}",
+        extra=("--input-source", chain.gen_addr))  # fmt: skip
+    add(relay, chain, f"{OUT_GROUP}:{OUT_PORT + 1}:{chain.relay_out}", group="239.1.1.9",
+        extra=("--input-source", "10.200.1.99"))  # fmt: skip
+    with (
+        sink(chain.sink, OUT_GROUP, OUT_PORT, chain.sink_if, "--count", "1000",
+             "--idle-timeout", "2") as matching,
+        sink(chain.sink, OUT_GROUP, OUT_PORT + 1, chain.sink_if, "--duration", "3",
+             "--idle-timeout", "2") as other,
+    ):  # fmt: skip
+        run_gen(chain.gen, GROUP, PORT, "--rate", "10000", "--count", "1000")
+        run_gen(chain.gen, "239.1.1.9", PORT, "--rate", "10000", "--count", "1000")
+        assert matching.result()["received"] == 1000
+        assert other.result()["received"] == 0
+    drops = wait_for(lambda: (d := stats(relay)["drops"]).get("source_filtered", 0) >= 1000 and d)
+    assert drops["source_filtered"] == 1000
+
+
+def test_counters_survive_a_worker_kill(chain: topology.Chain, relay: Daemon) -> None:
+    add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}")
+    with sink(chain.sink, OUT_GROUP, OUT_PORT, chain.sink_if, "--count", "3000",
+              "--idle-timeout", "2") as s:  # fmt: skip
+        run_gen(chain.gen, GROUP, PORT, "--rate", "10000", "--count", "3000")
+        assert s.result()["received"] == 3000
+    wait_for(lambda: stats(relay)["rules"][0]["packets_in"] == 3000)
+    for w in relay.workers().values():
+        if w["kind"] == "data":
+            os.kill(w["pid"], signal.SIGKILL)
+            relay.wait_replaced(w["id"], w["pid"])
+    assert stats(relay)["rules"][0]["packets_in"] == 3000
