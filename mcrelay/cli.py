@@ -19,6 +19,7 @@ from mcrelay import __version__, client, config
 from mcrelay import rules as rules_mod
 from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
+from mcrelay.supervisor.persistence import DEFAULT_STATE_DIR
 from mcrelay.supervisor.settings import DEFAULT_CONTROL_SOCKET
 from mcrelay.system.logs import LOG_LEVELS
 from mcrelay.tools.commands import gen_command, sink_command
@@ -102,6 +103,9 @@ def supervisor(
     config_file: Annotated[
         Path | None, typer.Option("--config", help="Load rules from this TOML file at start.")
     ] = None,
+    state_dir: Annotated[
+        Path, typer.Option(help="Where the rule table is saved on every change and restored from.")
+    ] = DEFAULT_STATE_DIR,
     log_level: Annotated[str, typer.Option(help=f"One of {', '.join(LOG_LEVELS)}.")] = "info",
     exit_on_fatal: Annotated[
         bool, typer.Option(help="Exit non-zero when a worker exceeds its restart intensity.")
@@ -131,6 +135,7 @@ def supervisor(
     from mcrelay.supervisor.backoff import BackoffPolicy
     from mcrelay.supervisor.dataplane import KernelDataPlane
     from mcrelay.supervisor.main import serve
+    from mcrelay.supervisor.persistence import RuleStore
     from mcrelay.supervisor.settings import SupervisorSettings
     from mcrelay.system.logs import setup_logging
 
@@ -162,6 +167,7 @@ def supervisor(
                 initial_rules=initial,
                 dataplane=KernelDataPlane(),
                 config_file=config_file,
+                store=RuleStore(state_dir),
             )
         )
     except McrelayError as exc:

@@ -62,7 +62,16 @@ def main(mcrelay: str) -> None:
         say("starting mcrelay in relay-ns (2 data workers)")
         log = open(Path(tmp) / "supervisor.log", "w")  # noqa: SIM115
         sup = subprocess.Popen(
-            c.relay.cmd(mcrelay, "supervisor", "--control-socket", sock, "--num-workers", "2"),
+            c.relay.cmd(
+                mcrelay,
+                "supervisor",
+                "--control-socket",
+                sock,
+                "--num-workers",
+                "2",
+                "--state-dir",
+                str(Path(tmp) / "state"),
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

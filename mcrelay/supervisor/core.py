@@ -17,6 +17,7 @@ import trio_util
 from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
 from mcrelay.supervisor.launcher import Launcher, WorkerSpec
+from mcrelay.supervisor.persistence import RuleStore
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerSlot
@@ -63,8 +64,10 @@ class Supervisor:
         table: RuleTable | None = None,
         listen_fd: int | None = None,
         dataplane: DataPlane | None = None,
+        store: RuleStore | None = None,
     ) -> None:
         self.settings = settings
+        self.store = store
         self.table = table or RuleTable()
         self.dataplane: DataPlane = dataplane or NoDataPlane()
         self.stats = StatsBook()
@@ -112,6 +115,20 @@ class Supervisor:
             await slot.acked_seq.wait_value(lambda v, seq=seq: v >= seq)
             if self.table.seq == seq:
                 return
+
+    async def _change(self, change: Callable[[], m.RuleUpdate]) -> m.RuleUpdate:
+        """Make a table change, save it, then apply it; a change that cannot be saved is undone."""
+        async with self._changes:
+            before = self.table.snapshot()
+            update = change()
+            if self.store is not None:
+                try:
+                    await trio.to_thread.run_sync(self.store.save, self.table.rules)
+                except McrelayError:
+                    self.table.restore(before)
+                    raise
+            await self._apply(update)
+            return update
 
     async def _apply(self, update: m.RuleUpdate) -> None:
         """Push a committed change to running workers and wait (bounded) for their acks."""
@@ -162,26 +179,20 @@ class Supervisor:
             case m.ListRules():
                 return msgspec.to_builtins(self.table.rules)
             case m.AddRule(rule=rule):
-                async with self._changes:
-                    update = self.table.add(rule)
-                    log.info("rule %s added", rule.id)
-                    await self._apply(update)
+                await self._change(lambda: self.table.add(rule))
+                log.info("rule %s added", rule.id)
                 return {"id": rule.id}
             case m.RemoveRule(id=rule_id):
-                async with self._changes:
-                    update = self.table.remove(rule_id)
-                    log.info("rule %s removed", rule_id)
-                    await self._apply(update)
+                await self._change(lambda: self.table.remove(rule_id))
+                log.info("rule %s removed", rule_id)
                 return {"id": rule_id}
             case m.ReplaceRules(rules=rules):
-                async with self._changes:
-                    update = self.table.replace(rules)
-                    log.info(
-                        "rule set replaced: %d added or changed, %d removed or changed",
-                        len(update.added),
-                        len(update.removed),
-                    )
-                    await self._apply(update)
+                update = await self._change(lambda: self.table.replace(rules))
+                log.info(
+                    "rule set replaced: %d added or changed, %d removed or changed",
+                    len(update.added),
+                    len(update.removed),
+                )
                 return {"added": [r.id for r in update.added], "removed": list(update.removed)}
             case m.GetStats():
                 return self.stats.merged(self.table.rules, self.data_slots)

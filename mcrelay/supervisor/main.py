@@ -20,6 +20,7 @@ from mcrelay.ipc.messages import ReplaceRules
 from mcrelay.rules import Rule
 from mcrelay.supervisor.core import DataPlane, Supervisor
 from mcrelay.supervisor.launcher import ProcessLauncher
+from mcrelay.supervisor.persistence import RuleStore
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerFatal
@@ -77,18 +78,30 @@ async def serve(
     initial_rules: tuple[Rule, ...] = (),
     dataplane: DataPlane | None = None,
     config_file: Path | None = None,
+    store: RuleStore | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT; the process exit code."""
-    table = RuleTable()
-    if initial_rules:
-        table.replace(initial_rules)
+    """Run until SIGTERM/SIGINT; the process exit code.
+
+    The saved table (``store``) wins over ``initial_rules`` (the --config file): it holds every
+    change made at runtime, so a restarted supervisor comes back with exactly what it had.
+    """
     with control_socket(settings.control_socket) as listener:
+        table = RuleTable()
+        saved = store.load() if store is not None else None
+        if saved is not None:
+            table.replace(saved)
+            log.info("restored %d rules from %s", len(saved), store.path if store else "")
+        elif initial_rules:
+            table.replace(initial_rules)
+            if store is not None:
+                store.save(table.rules)
         sup = Supervisor(
             settings,
             ProcessLauncher(),
             table=table,
             listen_fd=listener.fileno(),
             dataplane=dataplane,
+            store=store,
         )
         fatal = False
         log.info(

@@ -78,6 +78,16 @@ class RuleTable:
         self._rules = staged
         return self._commit(added=added, removed=removed)
 
+    def snapshot(self) -> tuple[dict[str, Rule], int]:
+        return dict(self._rules), self.seq
+
+    def restore(self, snapshot: tuple[dict[str, Rule], int]) -> None:
+        """Undo changes made since ``snapshot`` (a change that could not be saved)."""
+        self._rules, seq = dict(snapshot[0]), snapshot[1]
+        for later in [s for s in self._digests if s > seq]:
+            del self._digests[later]
+        self.seq = seq
+
     def _commit(self, added: tuple[Rule, ...] = (), removed: tuple[str, ...] = ()) -> RuleUpdate:
         self.seq += 1
         self._record()

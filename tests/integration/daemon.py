@@ -110,6 +110,8 @@ def daemon(
                 "supervisor",
                 "--control-socket",
                 str(socket),
+                "--state-dir",
+                str(tmp / "state"),
                 *args,
             ],
             stdout=log_file,

@@ -187,7 +187,15 @@ def test_supervisor_config_option(tmp_path: Path) -> None:
     with daemon(tmp_path, "--num-workers", "1", "--config", str(conf)) as d:
         assert d.wait_running()["data-0"]["rules"] == 1
     conf.write_text("not toml [")
-    result = cli("supervisor", "--control-socket", str(tmp_path / "x.sock"), "--config", str(conf))
+    result = cli(
+        "supervisor",
+        "--control-socket",
+        str(tmp_path / "x.sock"),
+        "--config",
+        str(conf),
+        "--state-dir",
+        str(tmp_path / "x-state"),
+    )
     assert result.returncode == 2 and str(conf) in result.stderr
 
 
@@ -209,7 +217,15 @@ def test_socket_from_environment(relay: Daemon) -> None:
 
 
 def test_supervisor_bad_options(tmp_path: Path) -> None:
-    result = cli("supervisor", "--control-socket", str(tmp_path / "s"), "--log-level", "loud")
+    result = cli(
+        "supervisor",
+        "--control-socket",
+        str(tmp_path / "s"),
+        "--log-level",
+        "loud",
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
     assert result.returncode == 2 and "--log-level" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -103,6 +104,8 @@ def test_control_crash_on_start_clients_are_served_once_it_heals(tmp_path: Path)
                 "supervisor",
                 "--control-socket",
                 str(socket_path),
+                "--state-dir",
+                str(tmp_path / "state"),
                 "--num-workers",
                 "1",
             ],
@@ -152,7 +155,9 @@ def test_sigkill_of_supervisor_leaves_no_orphan_within_1s(tmp_path: Path) -> Non
 
 def test_second_supervisor_refuses_and_stale_socket_is_replaced(tmp_path: Path) -> None:
     with daemon(tmp_path, "--num-workers", "1") as d:
-        second = cli("supervisor", "--control-socket", str(d.socket), "--num-workers", "1")
+        second = cli(
+            "supervisor", "--control-socket", str(d.socket), "--state-dir", str(tmp_path / "s2")
+        )
         assert second.returncode != 0
         assert "another mcrelay supervisor" in second.stderr
         assert "Traceback" not in second.stderr
@@ -218,3 +223,38 @@ def test_version_mismatch_and_garbage_get_a_clear_error(relay: Daemon) -> None:
     assert b"exceeds limit" in oversized
     assert relay.ok("ping").strip() == "pong"
     assert relay.workers()["control"]["restarts"] == 0
+
+
+def test_rules_survive_a_supervisor_sigkill(tmp_path: Path) -> None:
+    rule = ["--input-interface", "in0", "--input-port", "5000", "--output", "239.9.9.9:6000:o"]
+    with daemon(tmp_path, "--num-workers", "1") as d:
+        d.ok("add", "--input-group", "239.1.1.1", *rule, "--id", "a")
+        d.ok("add", "--input-group", "239.1.1.2", *rule, "--id", "b")
+        d.ok("remove", "a")
+        d.proc.kill()
+        d.proc.wait()
+    with daemon(tmp_path, "--num-workers", "1") as again:
+        assert [r["id"] for r in json.loads(again.ok("rules", "--json"))] == ["b"]
+        assert again.wait_running()["data-0"]["rules"] == 1
+
+
+def test_unwritable_state_refuses_the_change(tmp_path: Path) -> None:
+    rule = ["--input-interface", "in0", "--input-port", "5000", "--output", "239.9.9.9:6000:o"]
+    with daemon(tmp_path, "--num-workers", "1") as d:
+        d.ok("add", "--input-group", "239.1.1.1", *rule, "--id", "a")
+        state = tmp_path / "state"
+        saved = (state / "rules.toml").read_text()
+        # A directory where the temporary file would go: writing it fails like a full disk.
+        blocker = state / f".rules.toml.{d.proc.pid}.tmp"
+        blocker.mkdir()
+        try:
+            result = d.cli("add", "--input-group", "239.1.1.2", *rule, "--id", "b")
+            assert result.returncode == 1
+            assert "cannot save the rule table" in result.stderr
+            assert "nothing changed" in result.stderr
+            assert [r["id"] for r in json.loads(d.ok("rules", "--json"))] == ["a"]
+            assert (state / "rules.toml").read_text() == saved
+            assert d.workers()["data-0"]["rules"] == 1
+        finally:
+            blocker.rmdir()
+        d.ok("add", "--input-group", "239.1.1.2", *rule, "--id", "b")
