@@ -107,6 +107,10 @@ def supervisor(
         Path, typer.Option(help="Where the rule table is saved on every change and restored from.")
     ] = DEFAULT_STATE_DIR,
     log_level: Annotated[str, typer.Option(help=f"One of {', '.join(LOG_LEVELS)}.")] = "info",
+    pin_workers: Annotated[
+        bool,
+        typer.Option(help="Pin data worker i to CPU i (distinct CPUs while enough)."),
+    ] = False,
     exit_on_fatal: Annotated[
         bool, typer.Option(help="Exit non-zero when a worker exceeds its restart intensity.")
     ] = False,
@@ -155,6 +159,7 @@ def supervisor(
         max_failures=max_failures,
         failure_window=failure_window,
         exit_on_fatal=exit_on_fatal,
+        pin_workers=pin_workers,
         heartbeat_timeout=heartbeat_timeout,
         heartbeat_interval=min(1.0, heartbeat_timeout / 3),
         log_level=log_level,

@@ -7,6 +7,7 @@ plumbing are injected, so the test harness can drive it with fake workers under 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -81,8 +82,10 @@ class Supervisor:
             self._add_slot(
                 WorkerSpec("control", "control"), launcher, _ControlRole(self, listen_fd)
             )
+        cpus = sorted(os.sched_getaffinity(0))
         for i in range(settings.num_workers):
-            self._add_slot(WorkerSpec("data", f"data-{i}"), launcher, data_role)
+            pinned = frozenset({cpus[i % len(cpus)]}) if settings.pin_workers else None
+            self._add_slot(WorkerSpec("data", f"data-{i}", pinned), launcher, data_role)
 
     def _add_slot(self, spec: WorkerSpec, launcher: Launcher, role: Any) -> None:
         self.slots[spec.worker_id] = WorkerSlot(spec, launcher, self.settings, role, self.log_level)

@@ -28,6 +28,8 @@ from mcrelay.ipc.messages import WorkerKind, WorkerToSupervisor
 class WorkerSpec:
     kind: WorkerKind
     worker_id: str
+    #: CPUs the worker may run on; None leaves placement to the scheduler.
+    cpus: frozenset[int] | None = None
 
 
 class Launched(Protocol):
@@ -120,6 +122,10 @@ class ProcessLauncher:
             raise
         finally:
             theirs.close()
+        if spec.cpus:
+            # If this fails the worker runs unpinned: placement is an optimisation.
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(proc.pid, spec.cpus)
         ours.setblocking(False)
         channel = FrameChannel(trio.socket.from_stdlib_socket(ours), WorkerToSupervisor)
         return ProcessWorker(proc, channel)

@@ -28,3 +28,5 @@ class SupervisorSettings:
     #: How long a rule change waits for running data workers to acknowledge it.
     ack_timeout: float = 2.0
     log_level: str = "info"
+    #: Pin data worker i to CPU i (modulo the CPUs this process may use).
+    pin_workers: bool = False

@@ -258,3 +258,11 @@ def test_unwritable_state_refuses_the_change(tmp_path: Path) -> None:
         finally:
             blocker.rmdir()
         d.ok("add", "--input-group", "239.1.1.2", *rule, "--id", "b")
+
+
+def test_pin_workers_places_data_workers_on_distinct_cpus(tmp_path: Path) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    with daemon(tmp_path, "--num-workers", "2", "--pin-workers") as d:
+        workers = d.wait_running()
+        placed = [os.sched_getaffinity(workers[f"data-{i}"]["pid"]) for i in range(2)]
+    assert placed == [{cpus[0]}, {cpus[1 % len(cpus)]}]
