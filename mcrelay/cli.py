@@ -22,6 +22,7 @@ from mcrelay.ipc import messages as m
 from mcrelay.supervisor.persistence import DEFAULT_STATE_DIR
 from mcrelay.supervisor.settings import DEFAULT_CONTROL_SOCKET
 from mcrelay.system.logs import LOG_LEVELS
+from mcrelay.system.privileges import DEFAULT_WORKER_USER
 from mcrelay.tools.commands import gen_command, sink_command
 
 app = typer.Typer(
@@ -107,6 +108,9 @@ def supervisor(
         Path, typer.Option(help="Where the rule table is saved on every change and restored from.")
     ] = DEFAULT_STATE_DIR,
     log_level: Annotated[str, typer.Option(help=f"One of {', '.join(LOG_LEVELS)}.")] = "info",
+    user: Annotated[
+        str, typer.Option(help="Unprivileged user the workers run as (when started as root).")
+    ] = DEFAULT_WORKER_USER,
     pin_workers: Annotated[
         bool,
         typer.Option(help="Pin data worker i to CPU i (distinct CPUs while enough)."),
@@ -160,6 +164,7 @@ def supervisor(
         failure_window=failure_window,
         exit_on_fatal=exit_on_fatal,
         pin_workers=pin_workers,
+        worker_user=user,
         heartbeat_timeout=heartbeat_timeout,
         heartbeat_interval=min(1.0, heartbeat_timeout / 3),
         log_level=log_level,

@@ -22,6 +22,7 @@ import trio
 
 from mcrelay.ipc.framing import FrameChannel
 from mcrelay.ipc.messages import WorkerKind, WorkerToSupervisor
+from mcrelay.worker.faults import faults_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +93,9 @@ class ProcessWorker:
 class ProcessLauncher:
     """Spawns ``python -m mcrelay.worker KIND ID`` with one end of a fresh socketpair."""
 
-    def __init__(self, extra_args: tuple[str, ...] = ()) -> None:
-        self._extra_args = extra_args
+    def __init__(self, identity: tuple[int, int] | None = None) -> None:
+        #: (uid, gid) workers run as; None keeps the supervisor's.
+        self._identity = identity
 
     def launch(self, spec: WorkerSpec) -> ProcessWorker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -108,14 +110,22 @@ class ProcessLauncher:
                 str(theirs.fileno()),
                 "--supervisor-pid",
                 str(os.getpid()),
-                *self._extra_args,
             ]
+            # The supervisor reads the fault file: a worker may not be allowed to.
+            faults = faults_for(spec.kind)
+            if faults:
+                argv += ["--faults", ",".join(sorted(faults))]
+            uid, gid = self._identity or (None, None)
             proc = subprocess.Popen(
                 argv,
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 env=worker_environment(),
+                cwd="/",
+                user=uid,
+                group=gid,
+                extra_groups=[] if uid is not None else None,
             )
         except BaseException:
             ours.close()

@@ -24,6 +24,7 @@ from mcrelay.supervisor.persistence import RuleStore
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerFatal
+from mcrelay.system.privileges import check_supervisor, worker_identity
 
 log = logging.getLogger("mcrelay.supervisor")
 
@@ -85,6 +86,8 @@ async def serve(
     The saved table (``store``) wins over ``initial_rules`` (the --config file): it holds every
     change made at runtime, so a restarted supervisor comes back with exactly what it had.
     """
+    identity = worker_identity(settings.worker_user)
+    check_supervisor(switch_user=identity is not None)
     with control_socket(settings.control_socket) as listener:
         table = RuleTable()
         saved = store.load() if store is not None else None
@@ -97,7 +100,7 @@ async def serve(
                 store.save(table.rules)
         sup = Supervisor(
             settings,
-            ProcessLauncher(),
+            ProcessLauncher(identity),
             table=table,
             listen_fd=listener.fileno(),
             dataplane=dataplane,

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from mcrelay.supervisor.backoff import BackoffPolicy
+from mcrelay.system.privileges import DEFAULT_WORKER_USER
 
 DEFAULT_CONTROL_SOCKET = Path("/run/mcrelay/control.sock")
 
@@ -28,5 +29,7 @@ class SupervisorSettings:
     #: How long a rule change waits for running data workers to acknowledge it.
     ack_timeout: float = 2.0
     log_level: str = "info"
+    #: The unprivileged user workers run as (when the supervisor runs as root).
+    worker_user: str = DEFAULT_WORKER_USER
     #: Pin data worker i to CPU i (modulo the CPUs this process may use).
     pin_workers: bool = False

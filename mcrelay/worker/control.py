@@ -8,6 +8,7 @@ A client that stalls, floods or sends garbage costs only its own connection.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import socket
@@ -30,6 +31,17 @@ CLIENT_SEND_TIMEOUT = 5.0
 #: How long a request may wait for the supervisor (rule changes wait for worker acks).
 REQUEST_TIMEOUT = 15.0
 MAX_CLIENTS = 512
+#: accept() failures that pass (descriptor or memory exhaustion, an aborted connection): the
+#: listener is retried after this delay instead of crashing the worker.
+ACCEPT_RETRY_DELAY = 0.1
+_ACCEPT_TRANSIENT = {
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.ENOBUFS,
+    errno.ENOMEM,
+    errno.ECONNABORTED,
+    errno.EPROTO,
+}
 
 
 class ControlWorker:
@@ -38,7 +50,7 @@ class ControlWorker:
         self._nursery: trio.Nursery | None = None
         self._pending: dict[int, trio.MemorySendChannel[m.Reply]] = {}
         self._ids = itertools.count(1)
-        self._clients = trio.CapacityLimiter(MAX_CLIENTS)
+        self._clients = 0
 
     async def run(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -63,29 +75,47 @@ class ControlWorker:
 
     async def _serve(self, listener: trio.socket.SocketType) -> None:
         log.info("serving the control socket")
+        failing = False
         async with trio.open_nursery() as nursery:
             while True:
-                conn, _ = await listener.accept()
-                if self._clients.borrowed_tokens >= MAX_CLIENTS:
+                try:
+                    conn, _ = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_TRANSIENT:
+                        raise
+                    if not failing:
+                        log.warning("cannot accept clients: %s (retrying)", exc.strerror or exc)
+                    failing = True
+                    await trio.sleep(ACCEPT_RETRY_DELAY)
+                    continue
+                failing = False
+                if self._clients >= MAX_CLIENTS:
                     conn.close()
                     log.warning("refused a client: %d clients already connected", MAX_CLIENTS)
                     continue
+                # Counted here, not in the task: clients accepted before their tasks run count.
+                self._clients += 1
                 nursery.start_soon(self._client, conn)
 
     async def _client(self, conn: trio.socket.SocketType) -> None:
-        channel = FrameChannel(conn, m.ClientToServer, max_frame=MAX_CLIENT_FRAME_SIZE)
-        async with self._clients:
-            try:
-                await self._converse(channel)
-            except (ChannelClosed, trio.TooSlowError):
-                pass
-            except ProtocolError as exc:
-                # Say why, once, then hang up: the stream can no longer be trusted.
-                with trio.move_on_after(CLIENT_SEND_TIMEOUT):
-                    with contextlib.suppress(ChannelClosed):
-                        await channel.send(m.Reply(ok=False, error=f"protocol error: {exc}"))
-            finally:
-                channel.close()
+        channel = FrameChannel(
+            conn, m.ClientToServer, max_frame=MAX_CLIENT_FRAME_SIZE, accept_fds=False
+        )
+        try:
+            await self._converse(channel)
+        except (ChannelClosed, trio.TooSlowError):
+            pass
+        except ProtocolError as exc:
+            # Say why, once, then hang up: the stream can no longer be trusted.
+            with trio.move_on_after(CLIENT_SEND_TIMEOUT):
+                with contextlib.suppress(ChannelClosed):
+                    await channel.send(m.Reply(ok=False, error=f"protocol error: {exc}"))
+        except Exception:
+            # A bug, but one client's input must never take the control plane down with it.
+            log.exception("client connection failed")
+        finally:
+            self._clients -= 1
+            channel.close()
 
     async def _converse(self, channel: FrameChannel) -> None:
         with trio.fail_after(CLIENT_IDLE_TIMEOUT):
@@ -97,6 +127,8 @@ class ControlWorker:
                 f"client speaks protocol version {hello.version}, this daemon speaks "
                 f"{m.PROTOCOL_VERSION}"
             )
+        if hello.role != "client":
+            raise ProtocolError(f"a {hello.role!r} hello on the control socket (expected 'client')")
         with trio.fail_after(CLIENT_SEND_TIMEOUT):
             await channel.send(m.Hello(version=m.PROTOCOL_VERSION, role="control"))
         while True:
@@ -130,10 +162,24 @@ def _validate(request: object) -> None:
     match request:
         case m.AddRule(rule=rule):
             rules.validate(rule)
+            _check_names(rule)
         case m.ReplaceRules(rules=new_rules):
             for rule in new_rules:
                 rules.validate(rule)
+                _check_names(rule)
         case m.LogLevel(level=level) if level is not None and level not in LOG_LEVELS:
             raise McrelayError(f"unknown log level {level!r} (use {', '.join(LOG_LEVELS)})")
         case m.RemoveRule(id=rule_id) | m.RestartWorker(id=rule_id) if not rule_id:
             raise McrelayError("an id is required")
+
+
+def _check_names(rule: rules.Rule) -> None:
+    """What ``rules.validate`` lets through: NUL (which crashes ``if_nametoindex`` in the data
+    workers) and a trailing newline (its regexes end in ``$``) in the id or an interface name."""
+    for what, name in (
+        ("rule id", rule.id),
+        ("input interface", rule.input.interface),
+        *((f"output {out}", out.interface) for out in rule.outputs),
+    ):
+        if "\x00" in name or "\n" in name:
+            raise McrelayError(f"{what}: {name!r} contains a NUL or newline character")

@@ -1,7 +1,8 @@
 """Fault injection for tests: ``MCRELAY_FAULT_FILE=PATH`` selects faults for worker kinds.
 
 When PATH exists as a worker starts, each line ``KIND:FAULT`` applies to workers of that kind:
-``crash-on-start`` (exit at once with status 3) or ``hang`` (stop answering heartbeats).
+``crash-on-start`` (exit at once with status 3) or ``hang`` (stop answering heartbeats). The
+supervisor reads the file when it spawns a worker and passes the faults on its command line.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from mcrelay.errors import ChannelClosed, ProtocolError
 from mcrelay.ipc import messages as m
 from mcrelay.ipc.framing import FrameChannel
 from mcrelay.system.logs import setup_logging
+from mcrelay.system.privileges import lock_down_worker
 from mcrelay.system.process import arm_parent_death, set_process_name
-from mcrelay.worker.faults import faults_for
 
 log = logging.getLogger("mcrelay.worker")
 
@@ -42,12 +42,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("worker_id")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--supervisor-pid", type=int, required=True)
+    parser.add_argument("--faults", default="", help="injected faults (tests only)")
     args = parser.parse_args(argv)
     arm_parent_death(args.supervisor_pid)
+    lock_down_worker()
     name = _name(args.kind, args.worker_id)
     set_process_name(name)
     setup_logging("info", name)
-    faults = faults_for(args.kind)
+    faults = frozenset(filter(None, args.faults.split(",")))
     if "crash-on-start" in faults:
         log.error("fault injected: crash-on-start")
         os._exit(3)

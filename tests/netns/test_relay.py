@@ -304,3 +304,24 @@ def test_counters_survive_a_worker_kill(chain: topology.Chain, relay: Daemon) ->
             os.kill(w["pid"], signal.SIGKILL)
             relay.wait_replaced(w["id"], w["pid"])
     assert stats(relay)["rules"][0]["packets_in"] == 3000
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def test_workers_relay_without_privileges(chain: topology.Chain, relay: Daemon) -> None:
+    add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}")
+    with sink(chain.sink, OUT_GROUP, OUT_PORT, chain.sink_if, "--count", "1000",
+              "--idle-timeout", "2") as s:  # fmt: skip
+        run_gen(chain.gen, GROUP, PORT, "--rate", "10000", "--count", "1000")
+        assert s.result()["received"] == 1000
+    for worker in relay.workers().values():
+        status = _status(worker["pid"])
+        assert status["Uid"].split()[0] != "0", worker["id"]
+        assert int(status["CapEff"], 16) == 0
+        assert int(status["CapPrm"], 16) == 0
+        assert status["NoNewPrivs"].strip() == "1"
+    supervisor = _status(relay.proc.pid)
+    assert supervisor["Uid"].split()[0] == "0"
