@@ -275,8 +275,9 @@ def list_rules(socket: SocketOpt = DEFAULT_CONTROL_SOCKET, as_json: JsonOpt = Fa
         inp = r["input"]
         source = f" from {inp['source']}" if inp.get("source") else ""
         outs = ", ".join(f"{o['group']}:{o['port']}:{o['interface']}" for o in r["outputs"])
-        rows.append([r["id"], f"{inp['group']}:{inp['port']} on {inp['interface']}{source}", outs])
-    _table(["ID", "INPUT", "OUTPUTS"], rows)
+        where = f"{inp['group']}:{inp['port']} on {inp['interface']}{source}"
+        rows.append([r["id"], r["state"], where, outs])
+    _table(["ID", "STATE", "INPUT", "OUTPUTS"], rows)
 
 
 @app.command()
@@ -323,6 +324,16 @@ def restart_worker(
 # --- config files -----------------------------------------------------------------------------
 
 
+def _daemon_rules(socket_path: Path) -> tuple[rules_mod.Rule, ...]:
+    """The daemon's rules as rule objects (without their live state)."""
+    import msgspec
+
+    listed = _call(socket_path, m.ListRules())
+    return msgspec.convert(
+        [{k: v for k, v in r.items() if k != "state"} for r in listed], tuple[rules_mod.Rule, ...]
+    )
+
+
 def _load_file(path: Path) -> tuple[rules_mod.Rule, ...]:
     try:
         return config.load(path)
@@ -333,9 +344,7 @@ def _load_file(path: Path) -> tuple[rules_mod.Rule, ...]:
 @config_app.command("show")
 def config_show(socket: SocketOpt = DEFAULT_CONTROL_SOCKET) -> None:
     """Print the daemon's rules as a config file."""
-    import msgspec
-
-    rules = msgspec.convert(_call(socket, m.ListRules()), tuple[rules_mod.Rule, ...])
+    rules = _daemon_rules(socket)
     typer.echo(config.dump(rules), nl=False)
 
 
@@ -368,9 +377,7 @@ def config_save(
     socket: SocketOpt = DEFAULT_CONTROL_SOCKET,
 ) -> None:
     """Write the daemon's rules to a config file."""
-    import msgspec
-
-    rules = msgspec.convert(_call(socket, m.ListRules()), tuple[rules_mod.Rule, ...])
+    rules = _daemon_rules(socket)
     try:
         tmp = file.with_name(file.name + ".tmp")
         tmp.write_text(config.dump(rules), encoding="utf-8")

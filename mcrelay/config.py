@@ -32,7 +32,8 @@ _RULE_KEYS = {
     "outputs",
 }
 _REQUIRED = ("input-interface", "input-group", "input-port", "outputs")
-_RULE_HEADER = re.compile(r"^\s*\[\[\s*rule\s*\]\]", re.MULTILINE)
+# Blanks before the header must not include newlines, or a match starts on the line above.
+_RULE_HEADER = re.compile(r"""^[ \t]*\[\[[ \t]*(?:rule|"rule"|'rule')[ \t]*\]\]""", re.MULTILINE)
 
 
 def parse(text: str, source: str = "<config>") -> tuple[Rule, ...]:
@@ -41,6 +42,8 @@ def parse(text: str, source: str = "<config>") -> tuple[Rule, ...]:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise ConfigError(f"{source}: arrays or tables nested too deeply") from None
     unknown = set(doc) - {"rule"}
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s): {', '.join(sorted(unknown))}")
@@ -98,7 +101,7 @@ def _rule(entry: Any) -> Rule:
     port = entry["input-port"]
     if not isinstance(port, int) or isinstance(port, bool):
         raise RuleError("'input-port' must be an integer")
-    return rules_mod.make_rule(
+    rule = rules_mod.make_rule(
         interface=entry["input-interface"],
         group=entry["input-group"],
         port=port,
@@ -106,6 +109,16 @@ def _rule(entry: Any) -> Rule:
         rule_id=entry.get("id"),
         outputs=[rules_mod.parse_output(o) for o in outputs],
     )
+    # rules.validate lets NUL (fatal to if_nametoindex in the workers) and a trailing newline
+    # (its regexes end in "$") through in ids and interface names; TOML can spell both.
+    for what, name in (
+        ("rule id", rule.id),
+        ("input interface", rule.input.interface),
+        *((f"output {out}", out.interface) for out in rule.outputs),
+    ):
+        if "\x00" in name or "\n" in name:
+            raise RuleError(f"{what}: {name!r} contains a NUL or newline character")
+    return rule
 
 
 def dump(rules: tuple[Rule, ...]) -> str:
@@ -114,17 +127,23 @@ def dump(rules: tuple[Rule, ...]) -> str:
     for rule in rules:
         lines = [
             "[[rule]]",
-            f"id = {json.dumps(rule.id)}",
-            f"input-interface = {json.dumps(rule.input.interface)}",
-            f"input-group = {json.dumps(rule.input.group)}",
+            f"id = {_toml_str(rule.id)}",
+            f"input-interface = {_toml_str(rule.input.interface)}",
+            f"input-group = {_toml_str(rule.input.group)}",
             f"input-port = {rule.input.port}",
         ]
         if rule.input.source is not None:
-            lines.append(f"input-source = {json.dumps(rule.input.source)}")
-        outs = ", ".join(json.dumps(_output_text(o)) for o in rule.outputs)
+            lines.append(f"input-source = {_toml_str(rule.input.source)}")
+        outs = ", ".join(_toml_str(_output_text(o)) for o in rule.outputs)
         lines.append(f"outputs = [{outs}]")
         chunks.append("\n".join(lines) + "\n")
     return "\n".join(chunks)
+
+
+def _toml_str(text: str) -> str:
+    """A TOML basic string. Not json.dumps' ASCII form: TOML refuses the surrogate-pair escapes
+    it writes for characters beyond U+FFFF; but raw DEL must be escaped."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _output_text(output: rules_mod.Output) -> str:

@@ -19,8 +19,10 @@ from mcrelay.errors import RuleError
 #: few routers.
 DEFAULT_TTL = 16
 MAX_OUTPUTS = 64
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-_IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
+# fullmatch, not "$" (which also matches before a trailing newline); interface names exclude
+# whitespace, '/', ':' and control characters such as NUL, which the kernel cannot take.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_IFNAME_RE = re.compile(r"[^\s/:\x00-\x1f\x7f]{1,15}")
 _LINK_LOCAL = ipaddress.IPv4Network("224.0.0.0/24")
 
 
@@ -81,13 +83,13 @@ def _port(value: int, what: str) -> None:
 
 
 def _interface(name: str, what: str) -> None:
-    if not isinstance(name, str) or not _IFNAME_RE.match(name):
+    if not isinstance(name, str) or not _IFNAME_RE.fullmatch(name):
         raise RuleError(f"{what}: {name!r} is not a valid interface name")
 
 
 def validate(rule: Rule) -> Rule:
     """Raise RuleError naming the first problem; return the rule unchanged when it is valid."""
-    if not _ID_RE.match(rule.id):
+    if not isinstance(rule.id, str) or not _ID_RE.fullmatch(rule.id):
         raise RuleError(
             f"rule id {rule.id!r}: use 1-64 letters, digits, '_', '.', ':' or '-', "
             "starting with a letter or digit"

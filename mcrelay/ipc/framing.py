@@ -52,8 +52,11 @@ class FrameChannel:
         decoder_type: type[T] | Any,
         *,
         max_frame: int = MAX_FRAME_SIZE,
+        accept_fds: bool = True,
     ) -> None:
         self._sock = sock
+        #: False for untrusted peers: descriptors they send are closed at once and end the channel.
+        self._accept_fds = accept_fds
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(decoder_type)
         self._max_frame = max_frame
         self._buf = bytearray()
@@ -97,6 +100,8 @@ class FrameChannel:
                         raise ProtocolError(f"invalid message: {exc}") from exc
                     except msgspec.DecodeError as exc:
                         raise ProtocolError(f"undecodable frame: {exc}") from exc
+                    except RecursionError:  # msgspec skipping a deeply nested unknown value
+                        raise ProtocolError("undecodable frame: nested too deeply") from None
             await self._fill()
 
     async def _fill(self) -> None:
@@ -106,11 +111,16 @@ class FrameChannel:
             )
         except (OSError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             raise ChannelClosed(f"channel closed while receiving: {exc}") from exc
+        received = array.array("i")
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
-                self._fds.extend(fds)
+                received.frombytes(payload[: len(payload) - (len(payload) % received.itemsize)])
+        if received and not self._accept_fds:
+            for fd in received:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise ProtocolError("file descriptors are not accepted on this channel")
+        self._fds.extend(received)
         if flags & socket.MSG_CTRUNC:
             raise ProtocolError("file descriptors were truncated in transit (MSG_CTRUNC)")
         if not data:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -17,6 +17,7 @@ import trio_util
 
 from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
+from mcrelay.rules import Rule
 from mcrelay.supervisor.launcher import Launcher, WorkerSpec
 from mcrelay.supervisor.persistence import RuleStore
 from mcrelay.supervisor.rule_table import RuleTable
@@ -42,6 +43,14 @@ class DataPlane(Protocol):
 
     def close(self) -> None: ...
 
+    def rule_state(self, rule: Rule) -> str:
+        """active, paused (input interface down) or unresolved (no such interface)."""
+        ...
+
+    async def follow_links(self, sup: Supervisor) -> None:
+        """Run for the supervisor's lifetime, following interfaces that come and go."""
+        ...
+
 
 class NoDataPlane:
     """For harness tests: rules are tracked and acknowledged, no packets move."""
@@ -54,6 +63,12 @@ class NoDataPlane:
 
     def close(self) -> None:
         return None
+
+    def rule_state(self, rule: Rule) -> str:
+        return "active"
+
+    async def follow_links(self, sup: Supervisor) -> None:
+        await trio.sleep_forever()
 
 
 class Supervisor:
@@ -73,9 +88,10 @@ class Supervisor:
         self.dataplane: DataPlane = dataplane or NoDataPlane()
         self.stats = StatsBook()
         self.log_level = trio_util.AsyncValue(settings.log_level)
-        self._changes = trio.Lock()
+        #: Serialises rule-table changes and the kernel plumbing that follows them.
+        self.changes = trio.Lock()
         #: Actions the control role runs once the current reply has been sent.
-        self.after_reply: list[Callable[[], None]] = []
+        self.after_reply: list[Callable[[], Awaitable[None]]] = []
         data_role = _DataRole(self)
         self.slots: dict[str, WorkerSlot] = {}
         if listen_fd is not None:
@@ -100,6 +116,7 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             for slot in self.slots.values():
                 nursery.start_soon(slot.run, name=f"slot {slot.id}")
+            nursery.start_soon(self.dataplane.follow_links, self)
             task_status.started()
 
     async def wait_all_running(self) -> None:
@@ -121,7 +138,7 @@ class Supervisor:
 
     async def _change(self, change: Callable[[], m.RuleUpdate]) -> m.RuleUpdate:
         """Make a table change, save it, then apply it; a change that cannot be saved is undone."""
-        async with self._changes:
+        async with self.changes:
             before = self.table.snapshot()
             update = change()
             if self.store is not None:
@@ -171,6 +188,9 @@ class Supervisor:
             result = await self._execute(request)
         except McrelayError as exc:
             return m.Reply(ok=False, error=str(exc))
+        except Exception as exc:  # a bug handling one request must not take the daemon down
+            log.exception("request %s failed", type(request).__name__)
+            return m.Reply(ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
         return m.Reply(ok=True, result=result)
 
     async def _execute(self, request: m.ClientRequest) -> Any:
@@ -180,7 +200,10 @@ class Supervisor:
             case m.ListWorkers():
                 return [slot.describe() for slot in self.slots.values()]
             case m.ListRules():
-                return msgspec.to_builtins(self.table.rules)
+                return [
+                    {**msgspec.to_builtins(rule), "state": self.dataplane.rule_state(rule)}
+                    for rule in self.table.rules
+                ]
             case m.AddRule(rule=rule):
                 await self._change(lambda: self.table.add(rule))
                 log.info("rule %s added", rule.id)
@@ -212,7 +235,7 @@ class Supervisor:
                     # It carries this very reply: restart it once the reply is on its way.
                     self.after_reply.append(slot.restart_now)
                 else:
-                    slot.restart_now()
+                    await slot.restart_now()
                 return {"id": worker_id}
         raise McrelayError(f"unsupported request {type(request).__name__}")
 
@@ -263,4 +286,4 @@ class _ControlRole:
         reply = await self._sup.execute(request.request)
         await slot.send(m.ControlReply(req_id=request.req_id, reply=reply))
         while self._sup.after_reply:
-            self._sup.after_reply.pop(0)()
+            await self._sup.after_reply.pop(0)()

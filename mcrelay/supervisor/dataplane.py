@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
 from mcrelay.dataplane import bpf
 from mcrelay.dataplane.capture import open_capture_socket
@@ -21,6 +22,10 @@ from mcrelay.rules import Rule
 from mcrelay.supervisor.memberships import Memberships
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.slot import WorkerSlot
+from mcrelay.system.netlink import LinkMonitor, LinkState, link_state
+
+if TYPE_CHECKING:
+    from mcrelay.supervisor.core import Supervisor
 
 log = logging.getLogger("mcrelay.supervisor")
 
@@ -42,8 +47,12 @@ def wanted_memberships(rules: tuple[Rule, ...]) -> set[tuple[str, str]]:
     }
 
 
+_RULE_STATES = {LinkState.UP: "active", LinkState.DOWN: "paused", LinkState.ABSENT: "unresolved"}
+
+
 class KernelDataPlane:
     def __init__(self) -> None:
+        self._links: dict[str, LinkState] = {}
         self.memberships = Memberships()
         self._fanout: dict[str, int] = {}
         self._next_fanout = itertools.count((os.getpid() * 97) & 0xFFFF)
@@ -61,8 +70,53 @@ class KernelDataPlane:
             if await self._attach(slot, interface, rules, provisioning=True):
                 held.add(interface)
 
+    def rule_state(self, rule: Rule) -> str:
+        """active (capturing), paused (interface down) or unresolved (no such interface)."""
+        return _RULE_STATES[link_state(rule.input.interface)]
+
+    async def follow_links(self, sup: Supervisor) -> None:
+        """Re-create capture sockets and memberships when an input interface comes (back)."""
+        monitor = LinkMonitor()
+        try:
+            while True:
+                events = await monitor.receive()
+                async with sup.changes:
+                    named = {name for name, _ in events}
+                    for interface in sorted(input_interfaces(sup.table.rules)):
+                        if events and interface not in named:
+                            continue
+                        state = link_state(interface)
+                        if state != self._links.get(interface):
+                            self._links[interface] = state
+                            await self._link_changed(interface, state, sup)
+        finally:
+            monitor.close()
+
+    async def _link_changed(self, interface: str, state: LinkState, sup: Supervisor) -> None:
+        rules = sup.table.rules
+        slots = [s for s in sup.data_slots if s.channel_ready]
+        if state is LinkState.DOWN:
+            log.warning("input interface %s is down: its rules are paused", interface)
+            return
+        self.memberships.forget(interface)
+        for slot in slots:
+            held = self._attached.setdefault((slot.id, slot.pid), set())
+            if interface in held:
+                held.discard(interface)
+                await slot.send(m.DetachCapture(interface=interface))
+        if state is LinkState.ABSENT:
+            log.warning("input interface %s is gone: its rules are unresolved", interface)
+            return
+        log.info("input interface %s is up: capturing", interface)
+        self.memberships.update(wanted_memberships(rules))
+        for slot in slots:
+            if await self._attach(slot, interface, rules, provisioning=False):
+                self._attached[(slot.id, slot.pid)].add(interface)
+
     async def rules_changed(self, table: RuleTable, slots: list[WorkerSlot]) -> None:
         rules = table.rules
+        for interface in input_interfaces(rules) - set(self._links):
+            self._links[interface] = link_state(interface)
         self.memberships.update(wanted_memberships(rules))
         interfaces = input_interfaces(rules)
         for slot in slots:

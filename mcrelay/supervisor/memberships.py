@@ -62,6 +62,11 @@ class Memberships:
                 log.warning("cannot join %s on %s: %s", key[1], key[0], problems[key])
         return problems
 
+    def forget(self, interface: str) -> None:
+        """Leave every group on ``interface`` (gone or renumbered); ``update`` joins afresh."""
+        for key in [k for k in self._held if k[0] == interface]:
+            self._leave(key)
+
     def _join(self, key: tuple[str, str]) -> None:
         interface, group = key
         try:

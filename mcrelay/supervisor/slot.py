@@ -66,6 +66,7 @@ class WorkerSlot:
         self.rule_count: int | None = None
         self.channel_ready = False
         self._launched: Launched | None = None
+        self._run_nursery: trio.Nursery | None = None
         self._backoff_scope: trio.CancelScope | None = None
         self._backoff_deadline: float | None = None
         self._running_since: float | None = None
@@ -97,13 +98,30 @@ class WorkerSlot:
             "recent_failures": self.intensity.recent(trio.current_time()),
         }
 
-    def restart_now(self) -> None:
-        """Skip a pending backoff, or replace a live worker at once (not counted as a failure)."""
+    async def restart_now(self) -> None:
+        """Skip a pending backoff, or replace a live worker now (not counted as a failure).
+
+        A live worker is stopped softly (Stop, then SIGKILL after the grace), so a control
+        worker answers the requests it holds, this one included.
+        """
         if self._backoff_scope is not None:
             self._backoff_scope.cancel()
-        elif self._launched is not None:
-            self._restart_requested = True
-            self._launched.kill()
+            return
+        launched, nursery = self._launched, self._run_nursery
+        if launched is None or nursery is None:
+            return
+        self._restart_requested = True
+        try:
+            await launched.channel.send(Stop())
+        except ChannelClosed:
+            launched.kill()
+            return
+
+        async def kill_if_still_there() -> None:
+            await trio.sleep(self._settings.stop_grace)
+            launched.kill()
+
+        nursery.start_soon(kill_if_still_there)
 
     async def send(self, message: object, fds: list[int] | None = None) -> bool:
         """Send to the live, provisioned worker; False when there is none (it resyncs on start)."""
@@ -188,10 +206,12 @@ class WorkerSlot:
         status: int | None = None
         try:
             async with trio.open_nursery() as nursery:
+                self._run_nursery = nursery
                 nursery.start_soon(self._converse, launched)
                 status = await launched.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            self._run_nursery = None
             self.channel_ready = False
             self._launched = None
             with trio.CancelScope(shield=True):

@@ -15,6 +15,7 @@ import socket
 from typing import Any
 
 import trio
+import trio_util
 
 from mcrelay import rules
 from mcrelay.errors import ChannelClosed, McrelayError, ProtocolError
@@ -51,6 +52,8 @@ class ControlWorker:
         self._pending: dict[int, trio.MemorySendChannel[m.Reply]] = {}
         self._ids = itertools.count(1)
         self._clients = 0
+        #: Requests taken from clients and not yet answered; a stopping worker answers them first.
+        self._inflight = trio_util.AsyncValue(0)
 
     async def run(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -134,9 +137,17 @@ class ControlWorker:
         while True:
             with trio.fail_after(CLIENT_IDLE_TIMEOUT):
                 request = await channel.receive()
-            reply = await self._answer(request)
-            with trio.fail_after(CLIENT_SEND_TIMEOUT):
-                await channel.send(reply)
+            self._inflight.value += 1
+            try:
+                reply = await self._answer(request)
+                with trio.fail_after(CLIENT_SEND_TIMEOUT):
+                    await channel.send(reply)
+            finally:
+                self._inflight.value -= 1
+
+    async def drain(self) -> None:
+        """Until every request already taken has been answered (the caller bounds the wait)."""
+        await self._inflight.wait_value(0)
 
     async def _answer(self, request: object) -> m.Reply:
         if isinstance(request, m.Hello):

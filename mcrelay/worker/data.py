@@ -137,6 +137,9 @@ class DataWorker:
             case _:
                 log.warning("unexpected %s from the supervisor", type(message).__name__)
 
+    async def drain(self) -> None:
+        return None
+
     def close(self) -> None:
         for interface in list(self._captures):
             self._detach(interface)

@@ -21,6 +21,10 @@ from mcrelay.system.process import arm_parent_death, set_process_name
 
 log = logging.getLogger("mcrelay.worker")
 
+#: How long a stopping worker may spend finishing what it already took on; the supervisor's
+#: stop grace (1 s by default) is the hard limit.
+DRAIN_GRACE = 0.5
+
 
 class WorkerImpl(Protocol):
     async def run(self, nursery: trio.Nursery) -> None:
@@ -29,6 +33,10 @@ class WorkerImpl(Protocol):
 
     async def handle(self, message: Any) -> None:
         """A message from the supervisor that the common loop does not handle itself."""
+        ...
+
+    async def drain(self) -> None:
+        """After Stop: finish what was already promised (bounded by the caller)."""
         ...
 
     def close(self) -> None:
@@ -79,6 +87,8 @@ async def _run(kind: m.WorkerKind, worker_id: str, fd: int, hang: bool) -> int:
             async with trio.open_nursery() as nursery:
                 await impl.run(nursery)
                 await _obey(channel, impl, hang)
+                with trio.move_on_after(DRAIN_GRACE):
+                    await impl.drain()
                 nursery.cancel_scope.cancel()
         finally:
             impl.close()

@@ -262,7 +262,7 @@ def test_config_check_refuses_duplicate_inputs(tmp_path: Path) -> None:
     conf.write_text(one.format(id="a") + "\n" + one.format(id="b"))
     result = cli("config", "check", str(conf))
     assert result.returncode == 2
-    assert "rule 2 (line 7): same input as rule 'a'" in result.stderr
+    assert "rule 2 (line 8): same input as rule 'a'" in result.stderr
 
 
 def test_version() -> None:

@@ -86,3 +86,15 @@ def test_replace_applies_only_the_difference_and_is_atomic() -> None:
     with pytest.raises(RuleError):
         table.replace([keep, keep])  # type: ignore[list-item]
     assert (table.seq, table.rules) == before
+
+
+@pytest.mark.parametrize("name", ["eth0\n", "eth\x000", "a b", "x/y", "e:1", "\x7f", "a" * 16, ""])
+def test_interface_names_the_kernel_cannot_take_are_refused(name: str) -> None:
+    with pytest.raises(RuleError, match="interface name"):
+        mk(outputs=[Output("239.2.2.2", 5000, name)])
+
+
+@pytest.mark.parametrize("rule_id", ["ok\n", "a\x00", "-x", "x" * 65])
+def test_bad_ids_are_refused(rule_id: str) -> None:
+    with pytest.raises(RuleError, match="rule id"):
+        mk(rule_id=rule_id)

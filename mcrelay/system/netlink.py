@@ -1,0 +1,102 @@
+"""Link events from the kernel (rtnetlink), so rules follow interfaces that come and go.
+
+A raw NETLINK_ROUTE socket subscribed to RTMGRP_LINK is all this needs: the messages are parsed
+here (ifinfomsg + the IFLA_IFNAME attribute) rather than pulling in a netlink library.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import socket
+import struct
+from collections.abc import Iterator
+
+import trio
+
+RTMGRP_LINK = 1
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
+IFLA_IFNAME = 3
+IFF_UP = 0x1
+IFF_RUNNING = 0x40
+SIOCGIFFLAGS = 0x8913
+
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_RTATTR = struct.Struct("=HH")
+
+
+class LinkState(enum.StrEnum):
+    ABSENT = "absent"
+    DOWN = "down"
+    UP = "up"
+
+
+def link_state(name: str) -> LinkState:
+    """The interface's state now: absent, down (admin down or no carrier), or up."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            ifreq = fcntl.ioctl(probe, SIOCGIFFLAGS, struct.pack("16sH14x", name.encode(), 0))
+        except OSError:
+            return LinkState.ABSENT
+    (flags,) = struct.unpack_from("H", ifreq, 16)
+    return LinkState.UP if flags & IFF_UP and flags & IFF_RUNNING else LinkState.DOWN
+
+
+def parse(data: bytes) -> Iterator[tuple[str, LinkState]]:
+    """(interface name, state) for each link message in one netlink datagram."""
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size or offset + length > len(data):
+            return
+        if kind in (RTM_NEWLINK, RTM_DELLINK):
+            body = offset + _NLMSGHDR.size
+            if body + _IFINFOMSG.size <= offset + length:
+                _, _, _, flags, _ = _IFINFOMSG.unpack_from(data, body)
+                name = _ifname(data, body + _IFINFOMSG.size, offset + length)
+                if name is not None:
+                    if kind == RTM_DELLINK:
+                        state = LinkState.ABSENT
+                    elif flags & IFF_UP and flags & IFF_RUNNING:
+                        state = LinkState.UP
+                    else:
+                        state = LinkState.DOWN
+                    yield name, state
+        offset += (length + 3) & ~3
+
+
+def _ifname(data: bytes, start: int, end: int) -> str | None:
+    while start + _RTATTR.size <= end:
+        length, kind = _RTATTR.unpack_from(data, start)
+        if length < _RTATTR.size:
+            return None
+        if kind == IFLA_IFNAME:
+            return (
+                data[start + _RTATTR.size : start + length]
+                .split(b"\0", 1)[0]
+                .decode(errors="replace")
+            )
+        start += (length + 3) & ~3
+    return None
+
+
+class LinkMonitor:
+    """Receives link change notifications; ``receive()`` waits for the next batch."""
+
+    def __init__(self) -> None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        sock.setblocking(False)
+        sock.bind((0, RTMGRP_LINK))
+        self._sock = trio.socket.from_stdlib_socket(sock)
+
+    async def receive(self) -> list[tuple[str, LinkState]]:
+        try:
+            data = await self._sock.recv(65536)
+        except OSError:  # ENOBUFS: events were lost; the caller re-checks every interface
+            return []
+        return list(parse(data))
+
+    def close(self) -> None:
+        self._sock.close()
