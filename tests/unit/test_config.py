@@ -42,7 +42,7 @@ def test_parse_and_round_trip() -> None:
         ("[[rule]\n", "line 1"),
         ("colour = 1\n", "unknown top-level key"),
         ('[[rule]]\ninput-interface = "e"\n', "rule 1 \\(line 1\\): missing key"),
-        (GOOD + '\n[[rule]]\nid = "x"\nbogus = 1\n', "rule 3 \\(line 15\\): unknown key"),
+        (GOOD + '\n[[rule]]\nid = "x"\nbogus = 1\n', "rule 3 \\(line 16\\): unknown key"),
         (GOOD.replace("5000\noutputs", "70000\noutputs", 1), "outside 1-65535"),
         (
             GOOD.replace('"239.1.1.2"', '"239.1.1.1"').replace(
