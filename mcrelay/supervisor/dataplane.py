@@ -71,8 +71,14 @@ class KernelDataPlane:
                 held.add(interface)
 
     def rule_state(self, rule: Rule) -> str:
-        """active (capturing), paused (interface down) or unresolved (no such interface)."""
-        return _RULE_STATES[link_state(rule.input.interface)]
+        """active (capturing), paused (interface down) or unresolved (no such interface).
+
+        The state the plumbing has caught up with, not the link's: "active" means capture
+        sockets and memberships for the interface are in place.
+        """
+        interface = rule.input.interface
+        known = self._links.get(interface)
+        return _RULE_STATES[known if known is not None else link_state(interface)]
 
     async def follow_links(self, sup: Supervisor) -> None:
         """Re-create capture sockets and memberships when an input interface comes (back)."""
@@ -87,8 +93,8 @@ class KernelDataPlane:
                             continue
                         state = link_state(interface)
                         if state != self._links.get(interface):
-                            self._links[interface] = state
                             await self._link_changed(interface, state, sup)
+                            self._links[interface] = state
         finally:
             monitor.close()
 
