@@ -40,6 +40,7 @@ class Memberships:
         self._sockets: list[socket.socket] = []
         self._held: dict[tuple[str, str], tuple[socket.socket, int]] = {}
         self._load: dict[socket.socket, int] = {}
+        self._warned: set[tuple[str, str]] = set()
 
     @property
     def joined(self) -> set[tuple[str, str]]:
@@ -59,7 +60,11 @@ class Memberships:
                 self._join(key)
             except OSError as exc:
                 problems[key] = exc.strerror or str(exc)
-                log.warning("cannot join %s on %s: %s", key[1], key[0], problems[key])
+                if key not in self._warned:  # said once; the rule's state shows it meanwhile
+                    log.warning("cannot join %s on %s: %s", key[1], key[0], problems[key])
+                    self._warned.add(key)
+            else:
+                self._warned.discard(key)
         return problems
 
     def forget(self, interface: str) -> None:

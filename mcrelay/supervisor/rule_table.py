@@ -45,19 +45,23 @@ class RuleTable:
         while len(self._digests) > _DIGEST_HISTORY:
             self._digests.popitem(last=False)
 
-    def _check_new(self, rule: Rule, existing: dict[str, Rule]) -> None:
+    @staticmethod
+    def _check_new(
+        rule: Rule, existing: dict[str, Rule], inputs: dict[tuple[str, str, int, str | None], str]
+    ) -> None:
         rules_mod.validate(rule)
         if rule.id in existing:
             raise RuleError(f"a rule with id {rule.id!r} already exists")
-        for other in existing.values():
-            if other.match_key == rule.match_key:
-                raise RuleError(
-                    f"rule {other.id!r} already relays {rule.input.group}:{rule.input.port} "
-                    f"on {rule.input.interface}"
-                )
+        other = inputs.get(rule.match_key)
+        if other is not None:
+            raise RuleError(
+                f"rule {other!r} already relays {rule.input.group}:{rule.input.port} "
+                f"on {rule.input.interface}"
+            )
 
     def add(self, rule: Rule) -> RuleUpdate:
-        self._check_new(rule, self._rules)
+        inputs = {r.match_key: r.id for r in self._rules.values()}
+        self._check_new(rule, self._rules, inputs)
         self._rules[rule.id] = rule
         return self._commit(added=(rule,))
 
@@ -70,9 +74,11 @@ class RuleTable:
     def replace(self, new_rules: Iterable[Rule]) -> RuleUpdate:
         """Make the table equal to ``new_rules``; a bad set is refused whole and changes nothing."""
         staged: dict[str, Rule] = {}
+        inputs: dict[tuple[str, str, int, str | None], str] = {}
         for rule in new_rules:
-            self._check_new(rule, staged)
+            self._check_new(rule, staged, inputs)
             staged[rule.id] = rule
+            inputs[rule.match_key] = rule.id
         removed = tuple(rid for rid, r in self._rules.items() if staged.get(rid) != r)
         added = tuple(r for rid, r in staged.items() if self._rules.get(rid) != r)
         self._rules = staged

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+
+from mcrelay import client
+from mcrelay.ipc import messages as m
 
 T = TypeVar("T")
 
@@ -72,7 +74,8 @@ class Daemon:
         return result.stdout
 
     def workers(self) -> dict[str, dict[str, Any]]:
-        found = {w["id"]: w for w in json.loads(self.ok("workers", "--json"))}
+        """Through the client library: polling must be cheap (the CLI is tested on its own)."""
+        found = {w["id"]: w for w in client.call(self.socket, m.ListWorkers(), timeout=10)}
         self.seen_worker_pids.update(w["pid"] for w in found.values() if w["pid"])
         return found
 
