@@ -28,6 +28,9 @@ async def request(path: Path, req: m.ClientRequest) -> Any:
     except PermissionError:
         sock.close()
         raise McrelayError(f"permission denied on {path}") from None
+    except BaseException:  # cancelled while connecting
+        sock.close()
+        raise
     channel = FrameChannel(sock, m.ServerToClient)
     try:
         await channel.send(m.Hello(version=m.PROTOCOL_VERSION, role="client"))

@@ -147,7 +147,7 @@ def make_rule(
 ) -> Rule:
     """Build and validate a rule from user-facing fields."""
     rule = Rule(
-        id=rule_id or default_rule_id(interface, group, port, source),
+        id=rule_id if rule_id is not None else default_rule_id(interface, group, port, source),
         input=RuleInput(interface=interface, group=group, port=port, source=source),
         outputs=tuple(outputs),
     )

@@ -98,3 +98,8 @@ def test_interface_names_the_kernel_cannot_take_are_refused(name: str) -> None:
 def test_bad_ids_are_refused(rule_id: str) -> None:
     with pytest.raises(RuleError, match="rule id"):
         mk(rule_id=rule_id)
+
+
+def test_empty_id_is_refused_not_defaulted() -> None:
+    with pytest.raises(RuleError, match="rule id"):
+        mk(rule_id="")
