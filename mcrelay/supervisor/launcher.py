@@ -112,6 +112,8 @@ class ProcessLauncher:
                 str(os.getpid()),
             ]
             # The supervisor reads the fault file: a worker may not be allowed to.
+            if spec.cpus:  # the worker pins itself: it may, another user's process may not
+                argv += ["--cpus", ",".join(map(str, sorted(spec.cpus)))]
             faults = faults_for(spec.kind)
             if faults:
                 argv += ["--faults", ",".join(sorted(faults))]
@@ -132,10 +134,6 @@ class ProcessLauncher:
             raise
         finally:
             theirs.close()
-        if spec.cpus:
-            # If this fails the worker runs unpinned: placement is an optimisation.
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(proc.pid, spec.cpus)
         ours.setblocking(False)
         channel = FrameChannel(trio.socket.from_stdlib_socket(ours), WorkerToSupervisor)
         return ProcessWorker(proc, channel)

@@ -24,6 +24,7 @@ from mcrelay.supervisor.persistence import RuleStore
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerFatal
+from mcrelay.system.notify import SystemdNotifier
 from mcrelay.system.privileges import check_supervisor, worker_identity
 
 log = logging.getLogger("mcrelay.supervisor")
@@ -88,7 +89,11 @@ async def serve(
     """
     identity = worker_identity(settings.worker_user)
     check_supervisor(switch_user=identity is not None)
-    with control_socket(settings.control_socket) as listener:
+    # Takes NOTIFY_SOCKET/WATCHDOG_* out of os.environ before any worker exists.
+    with (
+        SystemdNotifier.from_environment() as notifier,
+        control_socket(settings.control_socket) as listener,
+    ):
         table = RuleTable()
         saved = store.load() if store is not None else None
         if saved is not None:
@@ -116,10 +121,17 @@ async def serve(
         )
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_handle_signals, nursery.cancel_scope, sup, config_file)
+                nursery.start_soon(notifier.watchdog_loop)  # fed by this loop: a hang stops it
+                nursery.start_soon(
+                    _handle_signals, nursery.cancel_scope, sup, config_file, notifier
+                )
                 await nursery.start(sup.run)
+                notifier.status(f"starting {len(sup.slots)} workers")
+                await sup.wait_all_running()
+                notifier.ready(status_line(sup))
         except* WorkerFatal as group:
             log.critical("%s: exiting (--exit-on-fatal)", leaf(group))
+            notifier.stopping(f"exiting: {leaf(group)}")
             fatal = True
         finally:
             sup.dataplane.close()
@@ -127,6 +139,11 @@ async def serve(
         return 3
     log.info("supervisor stopped")
     return 0
+
+
+def status_line(sup: Supervisor) -> str:
+    """For ``systemctl status``."""
+    return f"{len(sup.slots)} workers running, {len(sup.table)} rules"
 
 
 def leaf(error: BaseException) -> BaseException:
@@ -137,15 +154,21 @@ def leaf(error: BaseException) -> BaseException:
 
 
 async def _handle_signals(
-    scope: trio.CancelScope, sup: Supervisor, config_file: Path | None
+    scope: trio.CancelScope,
+    sup: Supervisor,
+    config_file: Path | None,
+    notifier: SystemdNotifier,
 ) -> None:
     """SIGTERM/SIGINT stop the daemon; SIGHUP reloads the --config file."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
+                notifier.reloading(f"reloading {config_file}")
                 await reload_config(sup, config_file)
+                notifier.reloaded(status_line(sup))  # READY=1 again (only if it was ready)
                 continue
             log.info("%s: stopping", signal.Signals(signum).name)
+            notifier.stopping(f"{signal.Signals(signum).name}: stopping workers")
             scope.cancel()
             return
 

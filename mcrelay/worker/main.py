@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -51,8 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--supervisor-pid", type=int, required=True)
     parser.add_argument("--faults", default="", help="injected faults (tests only)")
+    parser.add_argument("--cpus", default="", help="CPUs to run on (--pin-workers)")
     args = parser.parse_args(argv)
     arm_parent_death(args.supervisor_pid)
+    if args.cpus:
+        # Placement is an optimisation: a worker that cannot pin itself runs unpinned.
+        with contextlib.suppress(OSError, ValueError):
+            os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     lock_down_worker()
     name = _name(args.kind, args.worker_id)
     set_process_name(name)

@@ -268,3 +268,35 @@ def test_pin_workers_places_data_workers_on_distinct_cpus(tmp_path: Path) -> Non
         workers = d.wait_running()
         placed = [os.sched_getaffinity(workers[f"data-{i}"]["pid"]) for i in range(2)]
     assert placed == [{cpus[0]}, {cpus[1 % len(cpus)]}]
+
+
+def test_systemd_notifications(tmp_path: Path) -> None:
+    """READY=1 once every worker runs, RELOADING/READY around SIGHUP, STOPPING=1 on SIGTERM."""
+    import socket as pysocket
+
+    conf = tmp_path / "rules.toml"
+    conf.write_text("")
+    with pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify.sock"))
+        notify.settimeout(10)
+        env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+        with daemon(tmp_path, "--num-workers", "2", "--config", str(conf), env=env) as d:
+            seen: list[str] = []
+
+            def until(word: str) -> None:
+                while not any(word in m for m in seen):
+                    seen.append(notify.recv(4096).decode())
+
+            until("READY=1")
+            workers = d.workers()
+            assert all(w["state"] == "running" for w in workers.values())
+            for w in workers.values():  # the notify socket is the supervisor's alone
+                with open(f"/proc/{w['pid']}/environ", "rb") as f:
+                    assert b"NOTIFY_SOCKET" not in f.read()
+            assert "STATUS=3 workers running, 0 rules" in "\n".join(seen)
+            d.proc.send_signal(signal.SIGHUP)
+            until("RELOADING=1")
+            until("MONOTONIC_USEC=")
+            d.proc.send_signal(signal.SIGTERM)
+            until("STOPPING=1")
+            assert d.proc.wait(timeout=5) == 0
