@@ -61,6 +61,7 @@ SocketOpt = Annotated[
         "--socket",
         envvar="MCRELAY_SOCKET",
         help="Control socket of the daemon.",
+        readable=False,  # connecting is what counts; the daemon explains a refusal
         show_default=True,
     ),
 ]
@@ -108,6 +109,10 @@ def supervisor(
         Path, typer.Option(help="Where the rule table is saved on every change and restored from.")
     ] = DEFAULT_STATE_DIR,
     log_level: Annotated[str, typer.Option(help=f"One of {', '.join(LOG_LEVELS)}.")] = "info",
+    socket_group: Annotated[
+        str | None,
+        typer.Option(help="Group whose members may use the control socket [default: root only]."),
+    ] = None,
     user: Annotated[
         str, typer.Option(help="Unprivileged user the workers run as (when started as root).")
     ] = DEFAULT_WORKER_USER,
@@ -152,6 +157,14 @@ def supervisor(
     if backoff_max < backoff_initial:
         raise typer.BadParameter("must be at least --backoff-initial", param_hint="--backoff-max")
     setup_logging(log_level, "mcrelay: supervisor")
+    socket_gid = None
+    if socket_group is not None:
+        import grp
+
+        try:
+            socket_gid = grp.getgrnam(socket_group).gr_gid
+        except KeyError:
+            raise fail(f"--socket-group {socket_group}: no such group", 2) from None
     try:
         initial = config.load(config_file) if config_file else ()
     except McrelayError as exc:
@@ -165,6 +178,7 @@ def supervisor(
         exit_on_fatal=exit_on_fatal,
         pin_workers=pin_workers,
         worker_user=user,
+        socket_gid=socket_gid,
         heartbeat_timeout=heartbeat_timeout,
         heartbeat_interval=min(1.0, heartbeat_timeout / 3),
         log_level=log_level,

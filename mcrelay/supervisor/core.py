@@ -274,7 +274,8 @@ class _ControlRole:
     async def provision(self, slot: WorkerSlot) -> None:
         # The supervisor keeps its own copy: connections queue in the backlog while a control
         # worker restarts, and are served by the next one.
-        await slot.send_during_provisioning(m.ListenSocket(), [self._listen_fd])
+        listen = m.ListenSocket(owner_uid=os.getuid(), allowed_gid=self._sup.settings.socket_gid)
+        await slot.send_during_provisioning(listen, [self._listen_fd])
 
     async def handle(self, slot: WorkerSlot, message: Any, nursery: trio.Nursery) -> None:
         if isinstance(message, m.ControlRequest):

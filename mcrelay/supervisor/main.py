@@ -33,7 +33,7 @@ LISTEN_BACKLOG = 512
 
 
 @contextlib.contextmanager
-def control_socket(path: Path) -> Iterator[socket.socket]:
+def control_socket(path: Path, group: int | None = None) -> Iterator[socket.socket]:
     """Bind the control socket, refusing if a live supervisor owns the path.
 
     Ownership is an flock on ``PATH.lock`` held for the supervisor's lifetime: the kernel drops it
@@ -63,6 +63,10 @@ def control_socket(path: Path) -> Iterator[socket.socket]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(str(path))
+            # Owner and group only; see mcrelay.system.peers for who may do what.
+            os.chmod(path, 0o660)
+            if group is not None:
+                os.chown(path, -1, group)
             sock.listen(LISTEN_BACKLOG)
             yield sock
         finally:
@@ -92,7 +96,7 @@ async def serve(
     # Takes NOTIFY_SOCKET/WATCHDOG_* out of os.environ before any worker exists.
     with (
         SystemdNotifier.from_environment() as notifier,
-        control_socket(settings.control_socket) as listener,
+        control_socket(settings.control_socket, settings.socket_gid) as listener,
     ):
         table = RuleTable()
         saved = store.load() if store is not None else None

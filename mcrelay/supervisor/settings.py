@@ -29,6 +29,8 @@ class SupervisorSettings:
     #: How long a rule change waits for running data workers to acknowledge it.
     ack_timeout: float = 2.0
     log_level: str = "info"
+    #: Group allowed to use the control socket besides root (None: root only).
+    socket_gid: int | None = None
     #: The unprivileged user workers run as (when the supervisor runs as root).
     worker_user: str = DEFAULT_WORKER_USER
     #: Pin data worker i to CPU i (modulo the CPUs this process may use).

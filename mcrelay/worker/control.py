@@ -22,6 +22,7 @@ from mcrelay.errors import ChannelClosed, McrelayError, ProtocolError
 from mcrelay.ipc import messages as m
 from mcrelay.ipc.framing import MAX_CLIENT_FRAME_SIZE, FrameChannel
 from mcrelay.system.logs import LOG_LEVELS
+from mcrelay.system.peers import peer_credentials, refusal
 
 log = logging.getLogger("mcrelay.control")
 
@@ -51,6 +52,8 @@ class ControlWorker:
         self._nursery: trio.Nursery | None = None
         self._pending: dict[int, trio.MemorySendChannel[m.Reply]] = {}
         self._ids = itertools.count(1)
+        self._owner_uid = 0
+        self._allowed_gid: int | None = None
         self._clients = 0
         #: Requests taken from clients and not yet answered; a stopping worker answers them first.
         self._inflight = trio_util.AsyncValue(0)
@@ -63,7 +66,8 @@ class ControlWorker:
 
     async def handle(self, message: Any) -> None:
         match message:
-            case m.ListenSocket():
+            case m.ListenSocket(owner_uid=owner_uid, allowed_gid=allowed_gid):
+                self._owner_uid, self._allowed_gid = owner_uid, allowed_gid
                 (fd,) = self._channel.take_fds(1)
                 listener = socket.socket(fileno=fd)
                 listener.setblocking(False)
@@ -105,6 +109,17 @@ class ControlWorker:
             conn, m.ClientToServer, max_frame=MAX_CLIENT_FRAME_SIZE, accept_fds=False
         )
         try:
+            reason = refusal(
+                *peer_credentials(conn), owner_uid=self._owner_uid, allowed_gid=self._allowed_gid
+            )
+            if reason is not None:
+                log.warning("refused a client: %s", reason)
+                with trio.move_on_after(CLIENT_SEND_TIMEOUT):
+                    # Take its hello first, so the refusal is read rather than lost to a reset.
+                    with contextlib.suppress(ProtocolError):
+                        await channel.receive()
+                    await channel.send(m.Reply(ok=False, error=reason))
+                return
             await self._converse(channel)
         except (ChannelClosed, trio.TooSlowError):
             pass
