@@ -26,6 +26,9 @@ import struct
 from array import array
 from typing import NamedTuple
 
+from mcrelay.dataplane import mmsg
+from mcrelay.dataplane.mmsg import IoVec, MMsgHdr, MsgHdr
+
 __all__ = [
     "IOVEC_TYPECODE",
     "Destination",
@@ -123,26 +126,6 @@ class _SockaddrIn(ctypes.Structure):
     )
 
 
-class _IoVec(ctypes.Structure):
-    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
-
-
-class _MsgHdr(ctypes.Structure):
-    _fields_ = (
-        ("msg_name", ctypes.c_void_p),
-        ("msg_namelen", ctypes.c_uint32),
-        ("msg_iov", ctypes.c_void_p),
-        ("msg_iovlen", ctypes.c_size_t),
-        ("msg_control", ctypes.c_void_p),
-        ("msg_controllen", ctypes.c_size_t),
-        ("msg_flags", ctypes.c_int),
-    )
-
-
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = (("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint))
-
-
 class _CMsgSegment(ctypes.Structure):
     """``CMSG_SPACE(2)`` bytes: a cmsghdr carrying UDP_SEGMENT's u16 segment size."""
 
@@ -156,25 +139,23 @@ class _CMsgSegment(ctypes.Structure):
 
 
 _WORD = ctypes.sizeof(ctypes.c_void_p)
-_MSG_SIZE = ctypes.sizeof(_MMsgHdr)
+_MSG_SIZE = ctypes.sizeof(MMsgHdr)
 _MSG_WORDS = _MSG_SIZE // _WORD
-_IOV_SIZE = ctypes.sizeof(_IoVec)
+_IOV_SIZE = ctypes.sizeof(IoVec)
 _CMSG_SIZE = ctypes.sizeof(_CMsgSegment)
 # Word index of each field written per message (mmsghdr starts with its msghdr).
-_NAME = _MsgHdr.msg_name.offset // _WORD
-_IOV = _MsgHdr.msg_iov.offset // _WORD
-_IOVLEN = _MsgHdr.msg_iovlen.offset // _WORD
-_CONTROL = _MsgHdr.msg_control.offset // _WORD
-_CONTROLLEN = _MsgHdr.msg_controllen.offset // _WORD
+_NAME = MsgHdr.msg_name.offset // _WORD
+_IOV = MsgHdr.msg_iov.offset // _WORD
+_IOVLEN = MsgHdr.msg_iovlen.offset // _WORD
+_CONTROL = MsgHdr.msg_control.offset // _WORD
+_CONTROLLEN = MsgHdr.msg_controllen.offset // _WORD
 assert array(IOVEC_TYPECODE).itemsize == _WORD == ctypes.sizeof(ctypes.c_size_t)
 assert _MSG_SIZE % _WORD == 0
 assert _IOV_SIZE == 2 * _WORD
 assert _CMSG_SIZE % _WORD == 0
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_sendmmsg = _libc.sendmmsg
-_sendmmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int)
-_sendmmsg.restype = ctypes.c_int
+assert mmsg.sendmmsg is not None, "libc without sendmmsg"
+_sendmmsg = mmsg.sendmmsg
 
 # Errors that belong to one message (EMSGSIZE, EINVAL, EIO: also how a GSO message the device
 # cannot take is refused); any other error would hit the rest of the batch too (full buffer, no
@@ -228,8 +209,8 @@ class SendBatch:
         self._iov = array(word, bytes(_IOV_SIZE * capacity))
         self._segs = array(word, bytes(_WORD * capacity))  # datagrams per message
         # ctypes views hold buffer exports, which also forbid resizing the arrays under them.
-        self._msg_view = (_MMsgHdr * capacity).from_buffer(self._msgs)
-        self._iov_view = (_IoVec * capacity).from_buffer(self._iov)
+        self._msg_view = (MMsgHdr * capacity).from_buffer(self._msgs)
+        self._iov_view = (IoVec * capacity).from_buffer(self._iov)
         self._cmsgs = (_CMsgSegment * capacity)()
         for msg in self._msg_view:
             msg.msg_hdr.msg_namelen = ctypes.sizeof(_SockaddrIn)  # ignored for a NULL name

@@ -15,6 +15,8 @@ import socket
 import struct
 import sys
 
+from mcrelay.dataplane import mmsg
+from mcrelay.dataplane.mmsg import IoVec, MMsgHdr, MsgHdr
 from mcrelay.errors import McrelayError
 
 # Linux values not exported by the socket module (asm-generic; x86, arm, riscv).
@@ -60,47 +62,14 @@ def set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> int:
     return sock.getsockopt(socket.SOL_SOCKET, plain)
 
 
-class _IoVec(ctypes.Structure):
-    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
-
-
-class _MsgHdr(ctypes.Structure):
-    _fields_ = (
-        ("msg_name", ctypes.c_void_p),
-        ("msg_namelen", ctypes.c_uint32),
-        ("msg_iov", ctypes.c_void_p),
-        ("msg_iovlen", ctypes.c_size_t),
-        ("msg_control", ctypes.c_void_p),
-        ("msg_controllen", ctypes.c_size_t),
-        ("msg_flags", ctypes.c_int),
-    )
-
-
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = (("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint))
-
-
-_MMSG_SIZE = ctypes.sizeof(_MMsgHdr)
-_MSG_LEN_AT = _MMsgHdr.msg_len.offset
-_CONTROLLEN_AT = _MsgHdr.msg_controllen.offset
+_MMSG_SIZE = ctypes.sizeof(MMsgHdr)
+_MSG_LEN_AT = MMsgHdr.msg_len.offset
+_CONTROLLEN_AT = MsgHdr.msg_controllen.offset
 _CMSG_HDR = ctypes.sizeof(ctypes.c_size_t) + 8  # cmsg_len, cmsg_level, cmsg_type
 CMSG_SPACE_TIMESPEC = _CMSG_HDR + 16
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_sendmmsg = getattr(_libc, "sendmmsg", None)
-_recvmmsg = getattr(_libc, "recvmmsg", None)
-if _sendmmsg is not None:
-    _sendmmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int)
-    _sendmmsg.restype = ctypes.c_int
-if _recvmmsg is not None:
-    _recvmmsg.argtypes = (
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_uint,
-        ctypes.c_int,
-        ctypes.c_void_p,
-    )
-    _recvmmsg.restype = ctypes.c_int
+_sendmmsg = mmsg.sendmmsg
+_recvmmsg = mmsg.recvmmsg
 
 # Kernel timestamps are parsed at fixed offsets: 64-bit little-endian layouts only.
 HAVE_KERNEL_TIMESTAMPS = (
@@ -129,9 +98,9 @@ class MmsgBatch:
         self.data = bytearray(n * slot)
         self.control = bytearray(max(n * ctrl, 1))
         self._name = bytearray(name or b"\0")
-        self._iov = (_IoVec * n)()
+        self._iov = (IoVec * n)()
         self._hdrs = bytearray(n * _MMSG_SIZE)
-        self._msgs = (_MMsgHdr * n).from_buffer(self._hdrs)
+        self._msgs = (MMsgHdr * n).from_buffer(self._hdrs)
         data_at, control_at, name_at = (
             _address(self.data),
             _address(self.control),
