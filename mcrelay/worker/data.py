@@ -77,7 +77,9 @@ class _OutputSockets:
             try:
                 sock = open_output_socket(interface, ttl=ttl, multicast=multicast)
                 entry = (sock, udp_gso_max(interface))
-                self.dead.discard(key)
+                if key in self.dead:
+                    log.info("output interface %s is usable again", interface)
+                    self.dead.discard(key)
             except OSError as exc:
                 if key not in self.dead:
                     log.warning("output interface %s unusable: %s", interface, exc.strerror or exc)

@@ -56,3 +56,28 @@ def test_rule_follows_its_interface(chain: topology.Chain, tmp_path: Path) -> No
         chain.gen.ip("link", "del", "gen9")  # takes its peer rin9 with it
         wait_for(lambda: state(d) == "unresolved")
         assert all(w["restarts"] == 0 for w in d.workers().values())
+
+
+def test_output_interface_goes_and_comes_back(chain: topology.Chain, tmp_path: Path) -> None:
+    c = chain
+    with relay_daemon(c.relay, tmp_path, "--num-workers", "1") as d:
+        d.ok("add", "--input-interface", c.relay_in, "--input-group", GROUP, "--input-port",
+             str(PORT), "--output", f"{OUT}:{PORT}:{c.relay_out}")  # fmt: skip
+
+        def out_counters() -> dict[str, int]:
+            (rule,) = json.loads(d.ok("stats", "--json"))["rules"]
+            return dict(rule["outputs"][0])
+
+        c.relay.ip("link", "del", c.relay_out)  # takes sink0 with it
+        run_gen(c.gen, GROUP, PORT, "--rate", "5000", "--count", "1000")
+        # Every packet that found its output gone is counted as an egress error; nothing crashes.
+        assert wait_for(lambda: out_counters()["errors"] == 1000)
+
+        topology.veth(c.relay, c.relay_out, f"{c.relay_out_addr}/24", c.sink, c.sink_if,
+                      f"{c.sink_addr}/24")  # fmt: skip
+        # The worker retries the output every second and says when it is usable again.
+        wait_for(lambda: "output interface rout0 is usable again" in d.log.read_text())
+        with sink(c.sink, OUT, PORT, c.sink_if, "--count", "1000", "--idle-timeout", "2") as s:
+            run_gen(c.gen, GROUP, PORT, "--rate", "5000", "--count", "1000")
+            assert s.result()["received"] == 1000
+        assert all(w["restarts"] == 0 for w in d.workers().values())
