@@ -24,6 +24,7 @@ from mcrelay.supervisor.settings import DEFAULT_CONTROL_SOCKET
 from mcrelay.system.logs import LOG_LEVELS
 from mcrelay.system.privileges import DEFAULT_WORKER_USER
 from mcrelay.tools.commands import gen_command, sink_command
+from mcrelay.tools.top import top_command
 
 app = typer.Typer(
     name="mcrelay",
@@ -35,6 +36,7 @@ app = typer.Typer(
 )
 app.command("gen")(gen_command)
 app.command("sink")(sink_command)
+app.command("top")(top_command)
 config_app = typer.Typer(help="Show, check, load and save rule files (TOML).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -94,6 +96,17 @@ def _table(headers: list[str], rows: list[list[Any]]) -> None:
 # --- the daemon -------------------------------------------------------------------------------
 
 
+def _metrics_listen(value: str | None) -> str | None:
+    from mcrelay.system.metrics import parse_listen
+
+    if value is not None:
+        try:
+            parse_listen(value)
+        except McrelayError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
+
+
 @app.command()
 def supervisor(
     control_socket: Annotated[
@@ -141,6 +154,14 @@ def supervisor(
     failure_window: Annotated[
         float, typer.Option(help="Window for --max-failures, seconds.", min=1)
     ] = 60.0,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDR:PORT",
+            callback=_metrics_listen,
+            help="Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off].",
+        ),
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd does the daemonizing)."""
     import trio
@@ -192,6 +213,7 @@ def supervisor(
                 dataplane=KernelDataPlane(),
                 config_file=config_file,
                 store=RuleStore(state_dir),
+                metrics_listen=metrics_listen,
             )
         )
     except McrelayError as exc:

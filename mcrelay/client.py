@@ -28,6 +28,9 @@ async def request(path: Path, req: m.ClientRequest) -> Any:
     except PermissionError:
         sock.close()
         raise McrelayError(f"permission denied on {path}") from None
+    except OSError as exc:  # e.g. a path too long for AF_UNIX
+        sock.close()
+        raise McrelayError(f"cannot connect to {path}: {exc.strerror or exc}") from None
     except BaseException:  # cancelled while connecting
         sock.close()
         raise

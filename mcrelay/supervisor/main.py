@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -24,6 +25,7 @@ from mcrelay.supervisor.persistence import RuleStore
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerFatal
+from mcrelay.system.metrics import open_metrics_listeners, serve_metrics, supervisor_snapshot
 from mcrelay.system.notify import SystemdNotifier
 from mcrelay.system.privileges import check_supervisor, worker_identity
 
@@ -85,6 +87,7 @@ async def serve(
     dataplane: DataPlane | None = None,
     config_file: Path | None = None,
     store: RuleStore | None = None,
+    metrics_listen: str | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; the process exit code.
 
@@ -115,6 +118,8 @@ async def serve(
             dataplane=dataplane,
             store=store,
         )
+        # Bound before any worker starts: a taken port is a plain error (exit 2), not a group.
+        metrics = await open_metrics_listeners(metrics_listen) if metrics_listen else []
         fatal = False
         log.info(
             "supervisor %d on %s: %d data workers, %d rules",
@@ -125,6 +130,9 @@ async def serve(
         )
         try:
             async with trio.open_nursery() as nursery:
+                if metrics:
+                    snapshot = partial(supervisor_snapshot, sup.execute)
+                    nursery.start_soon(serve_metrics, metrics, snapshot, name="metrics")
                 nursery.start_soon(notifier.watchdog_loop)  # fed by this loop: a hang stops it
                 nursery.start_soon(
                     _handle_signals, nursery.cancel_scope, sup, config_file, notifier

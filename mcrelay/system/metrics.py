@@ -1,0 +1,441 @@
+"""Prometheus metrics: the text exposition format (0.0.4) and a minimal HTTP endpoint serving it.
+
+`render_metrics` is pure: it turns what `mcrelay workers`, `mcrelay stats` and `mcrelay rules`
+return into exposition text. `serve_metrics` answers ``GET /metrics`` (and ``HEAD``) with whatever
+its ``snapshot`` callable returns; anything else gets 404 (405 for another method on /metrics).
+
+The server runs in the supervisor, so it reads as little of a request as it can: only the request
+line is parsed, headers are skipped, the whole head is capped at `Limits.max_head` bytes and must
+arrive within `Limits.read_timeout`, every connection is closed after one reply, and at most
+`Limits.max_clients` are served at once (more wait in the listen backlog, unaccepted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import ipaddress
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import trio
+
+from mcrelay.errors import McrelayError
+from mcrelay.ipc import messages as m
+
+log = logging.getLogger("mcrelay.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+WORKER_STATES = ("starting", "running", "backoff", "stopping", "exited", "fatal")
+RULE_STATES = ("active", "paused", "unresolved")
+#: The documented reasons (docs/reference.md § Drop reasons): exported as 0 until seen, so a
+#: rate() over them works from the first scrape.
+DROP_REASONS = (
+    "truncated",
+    "malformed",
+    "not_ipv4",
+    "fragment",
+    "not_udp",
+    "no_rule",
+    "source_filtered",
+)
+
+
+class MetricsListenError(McrelayError):
+    """--metrics-listen is malformed or cannot be bound; the message says which and why."""
+
+
+# --- exposition format ----------------------------------------------------------------------
+
+
+def escape_label_value(value: str) -> str:
+    """Backslash, double quote and line feed, escaped as the text format requires."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+Sample = tuple[Mapping[str, str], float]
+
+
+class _Exposition:
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> None:
+        """One metric family: HELP, TYPE, then all its samples together, as the format wants."""
+        self._lines.append(f"# HELP {name} {_escape_help(help_text)}")
+        self._lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            if labels:
+                pairs = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in labels.items())
+                self._lines.append(f"{name}{{{pairs}}} {_number(value)}")
+            else:
+                self._lines.append(f"{name} {_number(value)}")
+
+    def text(self) -> str:
+        return "\n".join(self._lines) + "\n"
+
+
+def render_metrics(
+    workers: Sequence[Mapping[str, Any]],
+    stats: Mapping[str, Any],
+    rules: Sequence[Mapping[str, Any]],
+) -> str:
+    """Exposition text from the results of ListWorkers, GetStats and ListRules."""
+    out = _Exposition()
+    stat_rules: list[Mapping[str, Any]] = list(stats.get("rules", ()))
+    outputs = [(r["id"], o) for r in stat_rules for o in r.get("outputs", ())]
+
+    out.family(
+        "mcrelay_rule_packets_in_total",
+        "counter",
+        "Datagrams that matched the rule, since the supervisor started.",
+        (({"rule": r["id"]}, r["packets_in"]) for r in stat_rules),
+    )
+    out.family(
+        "mcrelay_rule_bytes_in_total",
+        "counter",
+        "UDP payload bytes of the datagrams that matched the rule.",
+        (({"rule": r["id"]}, r["bytes_in"]) for r in stat_rules),
+    )
+    for metric, key, help_text in (
+        ("packets", "packets", "Datagrams the kernel accepted for this output."),
+        ("bytes", "bytes", "UDP payload bytes the kernel accepted for this output."),
+        ("errors", "errors", "Datagrams whose send the kernel refused for this output."),
+    ):
+        out.family(
+            f"mcrelay_output_{metric}_total",
+            "counter",
+            help_text,
+            (({"rule": rid, "output": o["output"]}, o[key]) for rid, o in outputs),
+        )
+    drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+    drops.update(stats.get("drops", {}))
+    out.family(
+        "mcrelay_drops_total",
+        "counter",
+        "Frames a data worker saw and did not relay, by reason.",
+        (({"reason": reason}, count) for reason, count in drops.items()),
+    )
+    out.family(
+        "mcrelay_kernel_drops_total",
+        "counter",
+        "Frames the kernel dropped because a worker's receive ring was full.",
+        [({}, stats.get("kernel_drops", 0))],
+    )
+    out.family(
+        "mcrelay_worker_restarts_total",
+        "counter",
+        "Times a new process replaced an earlier one in this worker slot.",
+        (({"worker": w["id"], "kind": w["kind"]}, w["restarts"]) for w in workers),
+    )
+    out.family(
+        "mcrelay_worker_state",
+        "gauge",
+        "1 for the worker's current state, 0 for the others.",
+        (
+            ({"worker": w["id"], "state": state}, int(w["state"] == state))
+            for w in workers
+            for state in _states(WORKER_STATES, w["state"])
+        ),
+    )
+    out.family(
+        "mcrelay_rule_state",
+        "gauge",
+        "1 for the rule's current state (follows its input interface), 0 for the others.",
+        (
+            ({"rule": r["id"], "state": state}, int(r["state"] == state))
+            for r in rules
+            for state in _states(RULE_STATES, r["state"])
+        ),
+    )
+    out.family("mcrelay_rules", "gauge", "Relay rules in the table.", [({}, len(rules))])
+    return out.text()
+
+
+def _states(known: tuple[str, ...], current: str) -> tuple[str, ...]:
+    """Every known state, plus the current one if it is new (a newer daemon), never dropped."""
+    return known if current in known else (*known, current)
+
+
+async def supervisor_snapshot(execute: Callable[[m.ClientRequest], Awaitable[m.Reply]]) -> str:
+    """Exposition text built from the supervisor's own answers (pass ``Supervisor.execute``)."""
+    results = []
+    for request in (m.ListWorkers(), m.GetStats(), m.ListRules()):
+        reply = await execute(request)
+        if not reply.ok:
+            raise McrelayError(f"{type(request).__name__}: {reply.error}")
+        results.append(reply.result)
+    workers, stats, rules = results
+    return render_metrics(workers, stats, rules)
+
+
+# --- listen address -------------------------------------------------------------------------
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``ADDR:PORT`` (IPv4) or ``[ADDR]:PORT`` (IPv6) to ``(address, port)``; port 0 = any free."""
+    usage = "use ADDR:PORT, e.g. 127.0.0.1:9464 or [::1]:9464"
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise MetricsListenError(f"{value!r}: {usage}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise MetricsListenError(f"{value!r}: {host!r} is not an IP address ({usage})") from None
+    if address.version == 6 and not bracketed:
+        raise MetricsListenError(f"{value!r}: put an IPv6 address in [brackets]")
+    if address.version == 4 and bracketed:
+        raise MetricsListenError(f"{value!r}: {usage}")
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+        raise MetricsListenError(f"{value!r}: port must be 0-65535")
+    return str(address), int(port_text)
+
+
+async def open_metrics_listeners(listen: str) -> list[trio.SocketListener]:
+    """Bind the endpoint; a bad value or a failed bind is a `MetricsListenError`."""
+    host, port = parse_listen(listen)
+    try:
+        return await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
+    except OSError as exc:
+        raise MetricsListenError(
+            f"cannot listen for metrics on {listen}: {exc.strerror or exc}"
+        ) from None
+
+
+# --- the HTTP endpoint ----------------------------------------------------------------------
+
+BACKLOG = 128
+_ACCEPT_TRANSIENT = {
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.ENOBUFS,
+    errno.ENOMEM,
+    errno.ECONNABORTED,
+    errno.EPROTO,
+}
+_ACCEPT_RETRY_DELAY = 0.1
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    #: The request head (request line and headers) must arrive within this time.
+    read_timeout: float = 5.0
+    #: A client that does not take its reply within this time is disconnected.
+    write_timeout: float = 10.0
+    #: Longest request head accepted, bytes.
+    max_head: int = 8192
+    #: Connections served at once; more wait, unaccepted, in the listen backlog.
+    max_clients: int = 16
+    #: How long rendering may take before the scrape gets a 500.
+    snapshot_timeout: float = 5.0
+    #: After replying, unread client bytes are drained this long so closing does not reset the
+    #: connection before the client read its reply.
+    linger: float = 1.0
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+async def serve_metrics(
+    listen: str | Sequence[trio.SocketListener],
+    snapshot: Callable[[], Awaitable[str]],
+    *,
+    limits: Limits = Limits(),
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``GET /metrics`` until cancelled; ``started`` with the bound (address, port)s.
+
+    ``listen`` is ``ADDR:PORT`` or listeners from `open_metrics_listeners` (bind before starting
+    the task so a bind failure is a plain error, not one wrapped in the nursery's group). The
+    listeners are closed when this returns.
+    """
+    listeners = await open_metrics_listeners(listen) if isinstance(listen, str) else list(listen)
+    try:
+        addresses = [_address(listener) for listener in listeners]
+        slots = trio.Semaphore(limits.max_clients)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(_accept_loop, listener, slots, snapshot, limits)
+            for host, port in addresses:
+                log.info("metrics on http://%s/metrics", _hostport(host, port))
+            task_status.started(addresses)
+    finally:
+        for listener in listeners:
+            listener.socket.close()  # no checkpoint here: it could hide the error in flight
+
+
+def _address(listener: trio.SocketListener) -> tuple[str, int]:
+    name = listener.socket.getsockname()
+    return str(name[0]), int(name[1])
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    slots: trio.Semaphore,
+    snapshot: Callable[[], Awaitable[str]],
+    limits: Limits,
+) -> None:
+    failing = False
+    async with trio.open_nursery() as nursery:
+        while True:
+            # A slot first, then accept: excess clients cost a backlog entry, not a descriptor.
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                slots.release()
+                if exc.errno not in _ACCEPT_TRANSIENT:
+                    # Not worth the supervisor's life: the endpoint stops, the daemon goes on.
+                    log.error("metrics: endpoint stopped: accept failed: %s", exc)
+                    return
+                if not failing:
+                    log.warning("metrics: cannot accept: %s (retrying)", exc.strerror or exc)
+                failing = True
+                await trio.sleep(_ACCEPT_RETRY_DELAY)
+                continue
+            except BaseException:
+                slots.release()
+                raise
+            failing = False
+            nursery.start_soon(_client, stream, slots, snapshot, limits)
+
+
+async def _client(
+    stream: trio.abc.HalfCloseableStream,
+    slots: trio.Semaphore,
+    snapshot: Callable[[], Awaitable[str]],
+    limits: Limits,
+) -> None:
+    try:
+        await serve_connection(stream, snapshot, limits)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went away; nothing to tell it
+    except Exception:  # a bug serving one scrape must not take the supervisor down
+        log.exception("metrics: serving a client failed")
+    finally:
+        await trio.aclose_forcefully(stream)
+        slots.release()
+
+
+async def serve_connection(
+    stream: trio.abc.HalfCloseableStream,
+    snapshot: Callable[[], Awaitable[str]],
+    limits: Limits = Limits(),
+) -> None:
+    """Read one request from ``stream`` and write one reply; the caller closes the stream."""
+    status, head_only, body = 200, False, b""
+    try:
+        with trio.fail_after(limits.read_timeout):
+            method, path = parse_request_line(await _read_head(stream, limits.max_head))
+        head_only = method == "HEAD"
+        if path != "/metrics":
+            status = 404
+        elif method not in ("GET", "HEAD"):
+            status = 405
+        else:
+            try:
+                with trio.fail_after(limits.snapshot_timeout):
+                    body = (await snapshot()).encode()
+            except Exception:  # a failed scrape is a 500, never a dead endpoint
+                log.exception("metrics: rendering failed")
+                status = 500
+    except _BadRequest as exc:
+        status = exc.status
+    except trio.TooSlowError:
+        status = 408
+    if status != 200:
+        body = f"{status} {_REASONS[status]}\n".encode()
+    with trio.move_on_after(limits.write_timeout) as sending:
+        await stream.send_all(_response(status, body, head_only=head_only))
+    if sending.cancelled_caught:
+        return  # it does not read: nothing more to wait for
+    with trio.move_on_after(limits.linger):
+        await stream.send_eof()
+        while await stream.receive_some(65536):
+            pass
+
+
+async def _read_head(stream: trio.abc.ReceiveStream, max_head: int) -> bytes:
+    """Bytes up to the blank line that ends the request head (headers are not parsed)."""
+    head = b""
+    while True:
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            end = head.find(b"\n\n")  # bare LF: tolerated, as most servers do
+        if end >= 0:
+            if end > max_head:
+                raise _BadRequest(431)
+            return head[:end]
+        if len(head) > max_head:
+            raise _BadRequest(431)
+        chunk = await stream.receive_some(max_head + 4 - len(head))
+        if not chunk:
+            raise _BadRequest(400)  # closed before the end of the head
+        head += chunk
+
+
+def parse_request_line(head: bytes) -> tuple[str, str]:
+    """``(method, path)`` from a request head; the query string is ignored."""
+    line = head.split(b"\n", 1)[0].rstrip(b"\r")
+    try:
+        method, target, version = line.decode("ascii").split(" ")
+    except (UnicodeDecodeError, ValueError):
+        raise _BadRequest(400) from None
+    if not method.isalpha() or not method.isupper() or not version.startswith("HTTP/1."):
+        raise _BadRequest(400)
+    if target.startswith(("http://", "https://")):  # absolute form: keep the path
+        target = "/" + target.split("://", 1)[1].partition("/")[2]
+    if not target.startswith("/"):
+        raise _BadRequest(400)
+    return method, target.split("?", 1)[0]
+
+
+def _response(status: int, body: bytes, *, head_only: bool) -> bytes:
+    content_type = CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8"
+    headers = [
+        f"HTTP/1.0 {status} {_REASONS[status]}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
+    if status == 405:
+        headers.append("Allow: GET, HEAD")
+    head = ("\r\n".join(headers) + "\r\n\r\n").encode("ascii")
+    return head if head_only else head + body
