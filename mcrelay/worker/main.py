@@ -78,6 +78,7 @@ async def _run(kind: m.WorkerKind, worker_id: str, fd: int, hang: bool) -> int:
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
     channel = FrameChannel(trio.socket.from_stdlib_socket(sock), m.SupervisorToWorker)
+    code = 0
     try:
         hello = await channel.receive()
         if not isinstance(hello, m.Hello) or hello.version != m.PROTOCOL_VERSION:
@@ -98,15 +99,15 @@ async def _run(kind: m.WorkerKind, worker_id: str, fd: int, hang: bool) -> int:
                 nursery.cancel_scope.cancel()
         finally:
             impl.close()
-    except ChannelClosed:
+    # except*: these may come out of the nursery wrapped in an exception group.
+    except* ChannelClosed:
         log.info("supervisor went away: exiting")
-        return 0
-    except ProtocolError as exc:
-        log.error("protocol error from supervisor: %s", exc)
-        return 2
+    except* ProtocolError as group:
+        log.error("protocol error from supervisor: %s", group.exceptions[0])
+        code = 2
     finally:
         channel.close()
-    return 0
+    return code
 
 
 def _name(kind: str, worker_id: str) -> str:

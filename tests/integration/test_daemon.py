@@ -300,3 +300,12 @@ def test_systemd_notifications(tmp_path: Path) -> None:
             d.proc.send_signal(signal.SIGTERM)
             until("STOPPING=1")
             assert d.proc.wait(timeout=5) == 0
+
+
+def test_workers_of_a_killed_supervisor_exit_quietly(tmp_path: Path) -> None:
+    with daemon(tmp_path, "--num-workers", "2") as d:
+        pids = [w["pid"] for w in d.wait_running().values()]
+        d.proc.kill()
+        d.proc.wait()
+        wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=2)
+    assert "Traceback" not in d.log.read_text()
