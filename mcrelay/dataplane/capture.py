@@ -29,6 +29,7 @@ import struct
 from collections.abc import Sequence
 
 from mcrelay.dataplane import bpf
+from mcrelay.dataplane import ring as ring_mod
 
 __all__ = ["ETH_P_ALL", "open_capture_socket"]
 
@@ -54,6 +55,7 @@ def open_capture_socket(
     fanout_group: int | None,
     program: Sequence[bpf.Instruction] | None = None,
     rcvbuf: int = DEFAULT_RCVBUF,
+    ring: bool = False,
 ) -> socket.socket:
     """Open a non-blocking AF_PACKET socket that sees the frames received on `ifname`.
 
@@ -83,6 +85,8 @@ def open_capture_socket(
         except OSError as exc:  # Linux < 4.20: the relay loop filters PACKET_OUTGOING instead
             if exc.errno != errno.ENOPROTOOPT:
                 raise
+        if ring:  # before bind: no frame may land in the queue a later ring would purge
+            ring_mod.configure(sock)
         try:
             sock.bind((ifname, ETH_P_ALL))
         except OSError as exc:

@@ -115,6 +115,40 @@ class Block:
         _STATUS.pack_into(self.ring.buffer, self.offset + _BLOCK_STATUS_AT, TP_STATUS_KERNEL)
 
 
+def configure(
+    sock: socket.socket,
+    *,
+    block_size: int = 1 << 20,
+    block_count: int = 64,
+    frame_size: int = 2048,
+    retire_ms: int = 2,
+) -> None:
+    """Install a TPACKET_V3 receive ring on ``sock`` (replacing one left by a previous owner).
+
+    The supervisor calls this before it binds a capture socket and joins its fanout group, so
+    no frame ever lands in the ordinary receive queue, which installing a ring later would purge.
+    """
+    if block_size <= 0 or block_size % mmap.PAGESIZE or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power-of-two multiple of a page: {block_size}")
+    if frame_size % 16 or not TPACKET3_HDRLEN < frame_size <= block_size:
+        raise ValueError(f"frame_size must be a multiple of 16 within the block: {frame_size}")
+    if block_count <= 0 or retire_ms <= 0:
+        raise ValueError("block_count and retire_ms must be positive")
+    req = _REQ3.pack(
+        block_size, block_count, frame_size, (block_size // frame_size) * block_count,
+        retire_ms, 0, 0,
+    )  # fmt: skip
+    try:
+        sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        # A ring exists; tearing it down also resets the version lock.
+        sock.setsockopt(SOL_PACKET, PACKET_RX_RING, _REQ3.pack(0, 0, 0, 0, 0, 0, 0))
+        sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+    sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+
+
 class RxRing:
     """A PACKET_RX_RING (TPACKET_V3) mapped over a bound AF_PACKET socket; owns the socket.
 
@@ -135,33 +169,22 @@ class RxRing:
         block_count: int = 64,
         frame_size: int = 2048,
         retire_ms: int = 2,
+        configured: bool = False,
     ) -> None:
-        if block_size <= 0 or block_size % mmap.PAGESIZE or block_size & (block_size - 1):
-            raise ValueError(
-                f"block_size must be a power-of-two multiple of the page size: {block_size}"
+        """``configured``: the ring is already on the socket (see `configure`); only map it."""
+        if not configured:
+            configure(
+                sock,
+                block_size=block_size,
+                block_count=block_count,
+                frame_size=frame_size,
+                retire_ms=retire_ms,
             )
-        if frame_size % 16 or not TPACKET3_HDRLEN < frame_size <= block_size:
-            raise ValueError(f"frame_size must be a multiple of 16 within the block: {frame_size}")
-        if block_count <= 0 or retire_ms <= 0:
-            raise ValueError("block_count and retire_ms must be positive")
         self._sock = sock
         self.block_size = block_size
         self.block_count = block_count
         self._next = 0
         self._stats = RingStats()
-        req = _REQ3.pack(
-            block_size, block_count, frame_size, (block_size // frame_size) * block_count,
-            retire_ms, 0, 0,
-        )  # fmt: skip
-        try:
-            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                raise
-            # A ring exists; tearing it down also resets the version lock.
-            sock.setsockopt(SOL_PACKET, PACKET_RX_RING, _REQ3.pack(0, 0, 0, 0, 0, 0, 0))
-            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
-        sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
         self.buffer = mmap.mmap(sock.fileno(), block_size * block_count, mmap.MAP_SHARED)
         self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self.buffer)
         self.address = ctypes.addressof(self._anchor)  # of ring.buffer[0], for zero-copy sends

@@ -165,7 +165,9 @@ class KernelDataPlane:
             if group is None:
                 group = next(self._next_fanout) & 0xFFFF
             try:
-                sock = open_capture_socket(interface, fanout_group=group, program=program)
+                sock = open_capture_socket(
+                    interface, fanout_group=group, program=program, ring=True
+                )
             except OSError as exc:
                 if exc.errno in (errno.EINVAL, errno.EALREADY, errno.EADDRINUSE) and (
                     interface not in self._fanout

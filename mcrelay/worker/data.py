@@ -211,7 +211,7 @@ class DataWorker:
         self._detach(interface)
         sock.setblocking(False)
         try:
-            ring = RxRing(sock)
+            ring = RxRing(sock, configured=True)  # the supervisor installed it before bind
         except OSError as exc:
             log.error("cannot map a receive ring on %s: %s", interface, exc)
             sock.close()
