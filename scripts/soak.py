@@ -790,6 +790,8 @@ class Soak:
                 f"{ev.kind:15} {ev.victim:26} recovery {_fmt(ev.recovery_s):>6}s  "
                 f"lost {ev.lost:6}/{ev.sent}"
                 + (f" [drops: {_nonzero(ev.drops)}]" if any(ev.drops.values()) else "")
+                + (f" DUPLICATED {ev.duplicated}" if ev.duplicated else "")
+                + (f" CORRUPTED {ev.corrupted}" if ev.corrupted else "")
                 + (f"  churn: {churn}" if churn else "")
                 + (f"  PROBLEM: {'; '.join(ev.problems)}" if ev.problems else "")
             )

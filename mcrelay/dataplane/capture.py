@@ -43,6 +43,7 @@ PACKET_FANOUT_HASH = 0
 # ignore the bit, which is why the relay loop also drops PACKET_OUTGOING frames itself.
 PACKET_FANOUT_FLAG_IGNORE_OUTGOING = 0x4000
 SO_RCVBUFFORCE = 33
+SO_DETACH_FILTER = 27
 
 # Only frames queued between bind and ring setup use this: with a TPACKET_V3 ring the kernel
 # writes into the ring and never charges the receive buffer.
@@ -78,7 +79,12 @@ def open_capture_socket(
     try:
         sock.setblocking(False)
         _set_rcvbuf(sock, rcvbuf)
-        if program is not None:
+        # Until it is in its fanout group the socket would see every frame, not its share, and
+        # with a ring those frames would be relayed twice: it takes none until it has joined.
+        joining = fanout_group is not None and ring
+        if joining:
+            bpf.attach(sock, bpf.drop_all())
+        elif program is not None:
             bpf.attach(sock, list(program))
         try:
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
@@ -103,6 +109,11 @@ def open_capture_socket(
                     f"cannot join fanout group {fanout_group} on {ifname!r}: {exc.strerror}"
                     " (is the id used on another interface or with another mode?)",
                 ) from None
+        if joining:
+            if program is not None:
+                bpf.attach(sock, list(program))
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
     except BaseException:
         sock.close()
         raise
