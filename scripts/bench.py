@@ -74,7 +74,8 @@ def describe(r: dict[str, Any]) -> str:
         f"  at sink {r['achieved_pps']:>9,.0f} pps  loss {r['loss_pct']:7.3f}%"
         f"  cpu {proc if proc is not None else '-':>6} µs/pkt  core {core or '-':>6}"
         f"  p50/p99 {r['lat_p50_us']}/{r['lat_p99_us']} µs"
-        f"  foreign {r['foreign_cpu_pct']}%{' DISTURBED' if r.get('disturbed') else ''}"
+        f"  foreign {r['foreign_cpu_pct']}% (relay core {r.get('foreign_relay_core_pct', 0)}%)"
+        f"{' DISTURBED' if r.get('disturbed') else ''}"
         + (f" (retried {len(r['discarded_attempts'])}x)" if r.get("discarded_attempts") else "")
     )
 
