@@ -17,23 +17,10 @@ from hypothesis import strategies as st
 from mcrelay import config
 from mcrelay import rules as rules_mod
 from mcrelay.errors import ConfigError, RuleError
+from tests.unit.test_config import GOOD as GOOD_CONFIG
 
 SOURCE = "fuzz.toml"
-GOOD = """\
-[[rule]]
-id = "cam1"
-input-interface = "eth0"
-input-group = "239.1.1.1"
-input-port = 5000
-outputs = ["239.10.1.1:5000:eth1", "10.1.2.3:6000:eth2:32"]
-
-[[rule]]
-input-interface = "eth0"
-input-group = "239.1.1.2"
-input-port = 5000
-input-source = "10.0.0.5"
-outputs = ["239.10.1.2:5000:eth1"]
-"""
+GOOD = GOOD_CONFIG.lstrip("\n")  # the valid file the unit tests use
 
 
 def fuzz(examples: int) -> Any:
