@@ -98,9 +98,14 @@ class Daemon:
 
 @contextlib.contextmanager
 def daemon(
-    tmp: Path, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    tmp: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    prefix: tuple[str, ...] = (),
+    ready: bool = True,
 ) -> Iterator[Daemon]:
-    """``prefix`` runs the supervisor through another command (``ip netns exec NS``)."""
+    """``prefix`` runs the supervisor through another command (``ip netns exec NS``);
+    ``ready=False`` yields at once instead of waiting until the daemon answers."""
     socket = tmp / "control.sock"
     log = tmp / "supervisor.log"
     with open(log, "w") as log_file:
@@ -124,8 +129,9 @@ def daemon(
         )
     d = Daemon(socket, proc, log)
     try:
-        wait_for(lambda: d.cli("ping").returncode == 0 or proc.poll() is not None, 10)
-        assert proc.poll() is None, log.read_text()
+        if ready:
+            wait_for(lambda: d.cli("ping").returncode == 0 or proc.poll() is not None, 10)
+            assert proc.poll() is None, log.read_text()
         yield d
     finally:
         if proc.poll() is None:

@@ -95,31 +95,11 @@ def test_control_crash_on_start_clients_are_served_once_it_heals(tmp_path: Path)
     fault = tmp_path / "faults"
     fault.write_text("control:crash-on-start\n")
     env = {"MCRELAY_FAULT_FILE": str(fault)}
-    socket_path = tmp_path / "control.sock"
-    log = tmp_path / "supervisor.log"
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mcrelay",
-                "supervisor",
-                "--control-socket",
-                str(socket_path),
-                "--state-dir",
-                str(tmp_path / "state"),
-                "--num-workers",
-                "1",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-        )
-    try:
-        wait_for(lambda: log.read_text().count("exit status 3") >= 2)
+    with daemon(tmp_path, "--num-workers", "1", env=env, ready=False) as d:
+        wait_for(lambda: d.log.read_text().count("exit status 3") >= 2)
         # A client that connects while no control worker exists waits in the backlog...
         client = subprocess.Popen(
-            [sys.executable, "-m", "mcrelay", "ping", "--socket", str(socket_path)],
+            [sys.executable, "-m", "mcrelay", "ping", "--socket", str(d.socket)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -129,9 +109,8 @@ def test_control_crash_on_start_clients_are_served_once_it_heals(tmp_path: Path)
         out, err = client.communicate(timeout=10)
         assert client.returncode == 0, err
         assert out.strip() == "pong"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=5) == 0
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=5) == 0
 
 
 def test_sigterm_stops_everything_within_2s(tmp_path: Path) -> None:
