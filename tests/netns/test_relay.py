@@ -127,13 +127,19 @@ def test_unicast_to_multicast(chain: topology.Chain, relay: Daemon) -> None:
 
 
 TAGGED = r"""
-import socket, sys
+import socket, sys, time
 from mcrelay.dataplane.frames import build_udp_frame, multicast_mac
 from mcrelay.tools.payload import build_payload
 ifname, group, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind((ifname, 0))
+start = time.monotonic()
 for seq in range(count):
+    # Paced at 20k pps on an absolute schedule, as `mcrelay gen` does: an unpaced burst could
+    # overflow the receiving side's input backlog (1000 frames) before the relay sees it.
+    ahead = start + seq / 20000 - time.monotonic()
+    if ahead > 0:
+        time.sleep(ahead)
     s.send(build_udp_frame(dst_mac=multicast_mac(group), vlan_tags=(100,), src="10.200.1.1",
                            dst=group, sport=4000, dport=port, payload=build_payload(seq, 512)))
 """
