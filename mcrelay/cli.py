@@ -77,9 +77,12 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def _call(socket_path: Path, request: m.ClientRequest) -> Any:
     try:
-        return client.call(socket_path, request)
+        result = client.call(socket_path, request)
     except McrelayError as exc:
         raise fail(str(exc)) from None
+    if isinstance(result, dict) and result.get("warning"):  # made, but the daemon has a caveat
+        typer.echo(f"mcrelay: warning: {result['warning']}", err=True)
+    return result
 
 
 def _print_json(value: Any) -> None:

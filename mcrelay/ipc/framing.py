@@ -62,6 +62,8 @@ class FrameChannel:
         self._buf = bytearray()
         self._fds: collections.deque[int] = collections.deque()
         self._send_lock = trio.Lock()
+        #: A send was interrupted mid-frame: the peer can no longer find frame boundaries.
+        self._torn = False
         self._closed = False
 
     @property
@@ -69,17 +71,30 @@ class FrameChannel:
         return self._sock
 
     async def send(self, message: object, fds: list[int] | None = None) -> None:
+        """Send one frame; the caller owns the deadline.
+
+        A send cancelled after part of its frame went out leaves the stream unusable: every
+        later send then fails with ChannelClosed instead of writing into the middle of a frame.
+        """
         data = encode(message)
         try:
             async with self._send_lock:
-                if fds:
-                    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    sent = await self._sock.sendmsg([data], ancillary)
-                else:
-                    sent = await self._sock.send(data)
-                view = memoryview(data)
-                while sent < len(data):
-                    sent += await self._sock.send(view[sent:])
+                if self._torn:
+                    raise ChannelClosed("channel closed: an earlier send stopped mid-frame")
+                sent = 0
+                try:
+                    if fds:
+                        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                        sent = await self._sock.sendmsg([data], ancillary)
+                    else:
+                        sent = await self._sock.send(data)
+                    view = memoryview(data)
+                    while sent < len(data):
+                        sent += await self._sock.send(view[sent:])
+                except BaseException:
+                    if 0 < sent < len(data):
+                        self._torn = True
+                    raise
         except (OSError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             raise ChannelClosed(f"channel closed while sending: {exc}") from exc
 

@@ -7,6 +7,7 @@ plumbing are injected, so the test harness can drive it with fake workers under 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -19,15 +20,24 @@ from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
 from mcrelay.rules import Rule
 from mcrelay.supervisor.launcher import Launcher, WorkerSpec
-from mcrelay.supervisor.persistence import RuleStore
+from mcrelay.supervisor.persistence import RuleStore, StateNotDurable
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerSlot
 from mcrelay.supervisor.states import WorkerState
 from mcrelay.supervisor.stats import StatsBook
 from mcrelay.system.logs import LOG_LEVELS, set_log_level
+from mcrelay.worker.control import REQUEST_TIMEOUT
 
 log = logging.getLogger("mcrelay.supervisor")
+
+#: A client's rule change that cannot begin within this long after it arrived (other changes
+#: hold the table) is refused and never made. Once begun, a change is finished everywhere
+#: (every send to a worker has a deadline), normally well within the control worker's
+#: REQUEST_TIMEOUT, so a client does not hear "no answer" about a change made after it gave up.
+CHANGE_START_LIMIT = REQUEST_TIMEOUT / 2
+
+_CHANGES = (m.AddRule, m.RemoveRule, m.ReplaceRules)
 
 
 class DataPlane(Protocol):
@@ -92,6 +102,9 @@ class Supervisor:
         self.changes = trio.Lock()
         #: Actions the control role runs once the current reply has been sent.
         self.after_reply: list[Callable[[], Awaitable[None]]] = []
+        #: Runs client requests for the supervisor's lifetime: a change outlives the control
+        #: worker that forwarded it, so it is never cut off half-way when that worker dies.
+        self.requests: trio.Nursery | None = None
         data_role = _DataRole(self)
         self.slots: dict[str, WorkerSlot] = {}
         if listen_fd is not None:
@@ -114,10 +127,22 @@ class Supervisor:
         """Run every worker slot until cancelled."""
         await self.dataplane.rules_changed(self.table, [])  # memberships for the initial rules
         async with trio.open_nursery() as nursery:
+            self.requests = nursery
             for slot in self.slots.values():
                 nursery.start_soon(slot.run, name=f"slot {slot.id}")
             nursery.start_soon(self.dataplane.follow_links, self)
             task_status.started()
+
+    async def stop(self) -> None:
+        """Stop every worker for good, in order: first the control worker (it answers the
+        requests it holds; no new ones come), then the data workers together. Each gets Stop,
+        then SIGKILL after the stop grace, and is reaped before this returns."""
+        for slot in self.slots.values():
+            if slot.spec.kind == "control":
+                await slot.stop()
+        async with trio.open_nursery() as nursery:
+            for slot in self.data_slots:
+                nursery.start_soon(slot.stop)
 
     async def wait_all_running(self) -> None:
         """Until every worker is running; data workers with the current rule set."""
@@ -136,28 +161,52 @@ class Supervisor:
             if self.table.seq == seq:
                 return
 
-    async def _change(self, change: Callable[[], m.RuleUpdate]) -> m.RuleUpdate:
-        """Make a table change, save it, then apply it; a change that cannot be saved is undone."""
-        async with self.changes:
+    async def _change(
+        self, change: Callable[[], m.RuleUpdate], start_by: float | None = None
+    ) -> tuple[m.RuleUpdate, str | None]:
+        """Make a table change, save it, then apply it everywhere; the update and a warning.
+
+        A change that cannot be saved is undone, one that cannot begin by ``start_by`` is
+        never made; both raise. One that was saved but whose directory could not be synced is
+        made (a restart reads it back) and comes with a warning saying so.
+        """
+        with trio.move_on_at(start_by if start_by is not None else math.inf) as waiting:
+            await self.changes.acquire()
+        if waiting.cancelled_caught:
+            raise McrelayError(
+                f"the supervisor was busy with other rule changes for {CHANGE_START_LIMIT:g} s: "
+                "nothing changed (try again)"
+            )
+        try:
             before = self.table.snapshot()
             update = change()
+            warning = None
             if self.store is not None:
                 try:
                     await trio.to_thread.run_sync(self.store.save, self.table.rules)
+                except StateNotDurable as exc:
+                    warning = str(exc)
+                    log.warning("rule change %d: %s", update.seq, warning)
                 except McrelayError:
                     self.table.restore(before)
                     raise
             await self._apply(update)
-            return update
+            return update, warning
+        finally:
+            self.changes.release()
 
     async def _apply(self, update: m.RuleUpdate) -> None:
-        """Push a committed change to running workers and wait (bounded) for their acks."""
+        """Push a committed change to running workers and wait (bounded) for their acks.
+
+        Bounded by the send deadline plus the ack timeout: a worker that cannot take the update
+        in time is killed as hung and resynced by its replacement.
+        """
         slots = self.data_slots
         try:
             await self.dataplane.rules_changed(self.table, slots)
         except Exception:  # a plumbing bug must not take the daemon and its rules down
             log.exception("applying rule change %d to the kernel failed", update.seq)
-        sent = [slot for slot in slots if await slot.send(update)]
+        sent = await send_each(slots, update)
         with trio.move_on_after(self.settings.ack_timeout):
             for slot in sent:
                 await slot.acked_seq.wait_value(lambda v: v >= update.seq)
@@ -172,20 +221,23 @@ class Supervisor:
                 ack.seq,
                 expected,
             )
-            await slot.send_during_provisioning(
-                m.RuleSync(seq=self.table.seq, rules=self.table.rules)
-            )
+            # In the background: this runs in the worker's read loop, which must not wait.
+            slot.post(lambda: m.RuleSync(seq=self.table.seq, rules=self.table.rules))
             return
         slot.rule_count = ack.count
+        slot.rule_digest = ack.digest
         if ack.seq > slot.acked_seq.value:
             slot.acked_seq.value = ack.seq
 
     # --- control requests -----------------------------------------------------------------
 
-    async def execute(self, request: m.ClientRequest) -> m.Reply:
-        """Carry out one validated client request; errors become a reply, never an exception."""
+    async def execute(self, request: m.ClientRequest, *, start_by: float | None = None) -> m.Reply:
+        """Carry out one validated client request; errors become a reply, never an exception.
+
+        A rule change not begun by ``start_by`` (trio time) is refused and never made.
+        """
         try:
-            result = await self._execute(request)
+            result = await self._execute(request, start_by)
         except McrelayError as exc:
             return m.Reply(ok=False, error=str(exc))
         except Exception as exc:  # a bug handling one request must not take the daemon down
@@ -193,7 +245,7 @@ class Supervisor:
             return m.Reply(ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
         return m.Reply(ok=True, result=result)
 
-    async def _execute(self, request: m.ClientRequest) -> Any:
+    async def _execute(self, request: m.ClientRequest, start_by: float | None) -> Any:
         match request:
             case m.Ping():
                 return {"pong": True, "protocol": m.PROTOCOL_VERSION}
@@ -205,21 +257,22 @@ class Supervisor:
                     for rule in self.table.rules
                 ]
             case m.AddRule(rule=rule):
-                await self._change(lambda: self.table.add(rule))
+                _, warning = await self._change(lambda: self.table.add(rule), start_by)
                 log.info("rule %s added", rule.id)
-                return {"id": rule.id}
+                return _warned({"id": rule.id}, warning)
             case m.RemoveRule(id=rule_id):
-                await self._change(lambda: self.table.remove(rule_id))
+                _, warning = await self._change(lambda: self.table.remove(rule_id), start_by)
                 log.info("rule %s removed", rule_id)
-                return {"id": rule_id}
+                return _warned({"id": rule_id}, warning)
             case m.ReplaceRules(rules=rules):
-                update = await self._change(lambda: self.table.replace(rules))
+                update, warning = await self._change(lambda: self.table.replace(rules), start_by)
                 log.info(
                     "rule set replaced: %d added or changed, %d removed or changed",
                     len(update.added),
                     len(update.removed),
                 )
-                return {"added": [r.id for r in update.added], "removed": list(update.removed)}
+                result = {"added": [r.id for r in update.added], "removed": list(update.removed)}
+                return _warned(result, warning)
             case m.GetStats():
                 return self.stats.merged(self.table.rules, self.data_slots)
             case m.LogLevel(level=level):
@@ -244,8 +297,27 @@ class Supervisor:
             raise McrelayError(f"unknown log level {level!r} (use {', '.join(LOG_LEVELS)})")
         set_log_level(level)
         self.log_level.value = level
-        for slot in self.slots.values():
-            await slot.send(m.SetLogLevel(level=level))
+        await send_each(list(self.slots.values()), m.SetLogLevel(level=level))
+
+
+async def send_each(slots: list[WorkerSlot], message: object) -> list[WorkerSlot]:
+    """Send to every live worker at once (a stuck one costs its deadline, not the others'
+    turns); the slots that took it."""
+    took: list[WorkerSlot] = []
+
+    async def one(slot: WorkerSlot) -> None:
+        if await slot.send(message):
+            took.append(slot)
+
+    async with trio.open_nursery() as nursery:
+        for slot in slots:
+            nursery.start_soon(one, slot)
+    return took
+
+
+def _warned(result: dict[str, Any], warning: str | None) -> dict[str, Any]:
+    """A change's result, with ``warning`` when it was made but not as durably as it should."""
+    return result if warning is None else {**result, "warning": warning}
 
 
 class _DataRole:
@@ -279,12 +351,26 @@ class _ControlRole:
 
     async def handle(self, slot: WorkerSlot, message: Any, nursery: trio.Nursery) -> None:
         if isinstance(message, m.ControlRequest):
-            nursery.start_soon(self._answer, slot, message)
+            # Not in this worker's nursery: a change must not be cut off if this worker dies.
+            assert self._sup.requests is not None
+            start_by = trio.current_time() + CHANGE_START_LIMIT
+            self._sup.requests.start_soon(self._answer, slot, slot.incarnation, message, start_by)
         else:
             log.warning("unexpected %s from %s", type(message).__name__, slot.id)
 
-    async def _answer(self, slot: WorkerSlot, request: m.ControlRequest) -> None:
-        reply = await self._sup.execute(request.request)
-        await slot.send(m.ControlReply(req_id=request.req_id, reply=reply))
+    async def _answer(
+        self, slot: WorkerSlot, incarnation: int, request: m.ControlRequest, start_by: float
+    ) -> None:
+        reply = await self._sup.execute(request.request, start_by=start_by)
+        answer = m.ControlReply(req_id=request.req_id, reply=reply)
+        if not await slot.send(answer, incarnation=incarnation):
+            self._sup.after_reply.clear()  # they were meant for the worker that is gone
+            if reply.ok and isinstance(request.request, _CHANGES):
+                log.warning(
+                    "%s was made, but the control worker that forwarded it is gone: "
+                    "its client was not told",
+                    type(request.request).__name__,
+                )
+            return
         while self._sup.after_reply:
             await self._sup.after_reply.pop(0)()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import logging
 import os
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +33,32 @@ from mcrelay.system.privileges import check_supervisor, worker_identity
 log = logging.getLogger("mcrelay.supervisor")
 
 LISTEN_BACKLOG = 512
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@dataclasses.dataclass
+class Signals:
+    """The supervisor's signals, received for its whole life (see :func:`held_signals`)."""
+
+    receiver: AsyncIterator[int]
+    stopping: bool = False
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[Signals]:
+    """SIGTERM, SIGINT and SIGHUP are delivered to the supervisor's signal task from before
+    any worker exists until after the socket is removed, so a second stop signal during the
+    stop changes nothing. Once a stop began, they stay ignored until the process exits."""
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    held: Signals | None = None
+    try:
+        with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as receiver:
+            held = Signals(receiver)
+            yield held
+    finally:
+        if held is None or not held.stopping:  # ends otherwise: give the handlers back
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
@@ -98,6 +125,7 @@ async def serve(
     check_supervisor(switch_user=identity is not None)
     # Takes NOTIFY_SOCKET/WATCHDOG_* out of os.environ before any worker exists.
     with (
+        held_signals() as signals,
         SystemdNotifier.from_environment() as notifier,
         control_socket(settings.control_socket, settings.socket_gid) as listener,
     ):
@@ -134,9 +162,7 @@ async def serve(
                     snapshot = partial(supervisor_snapshot, sup.execute)
                     nursery.start_soon(serve_metrics, metrics, snapshot, name="metrics")
                 nursery.start_soon(notifier.watchdog_loop)  # fed by this loop: a hang stops it
-                nursery.start_soon(
-                    _handle_signals, nursery.cancel_scope, sup, config_file, notifier
-                )
+                nursery.start_soon(_handle_signals, signals, nursery, sup, config_file, notifier)
                 await nursery.start(sup.run)
                 notifier.status(f"starting {len(sup.slots)} workers")
                 await sup.wait_all_running()
@@ -166,23 +192,49 @@ def leaf(error: BaseException) -> BaseException:
 
 
 async def _handle_signals(
-    scope: trio.CancelScope,
+    signals: Signals,
+    nursery: trio.Nursery,
     sup: Supervisor,
     config_file: Path | None,
     notifier: SystemdNotifier,
 ) -> None:
-    """SIGTERM/SIGINT stop the daemon; SIGHUP reloads the --config file."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                notifier.reloading(f"reloading {config_file}")
-                await reload_config(sup, config_file)
-                notifier.reloaded(status_line(sup))  # READY=1 again (only if it was ready)
-                continue
-            log.info("%s: stopping", signal.Signals(signum).name)
-            notifier.stopping(f"{signal.Signals(signum).name}: stopping workers")
-            scope.cancel()
+    """SIGTERM/SIGINT stop the daemon (once: repeats are logged and change nothing); SIGHUP
+    reloads the --config file. Neither waits here: this loop always takes the next signal."""
+    reloads_send, reloads = trio.open_memory_channel[None](1)
+    nursery.start_soon(_reload_loop, reloads, signals, sup, config_file, notifier)
+    async for signum in signals.receiver:
+        name = signal.Signals(signum).name
+        if signals.stopping:
+            log.info("%s: already stopping", name)
+        elif signum == signal.SIGHUP:
+            with contextlib.suppress(trio.WouldBlock):  # one pending reload reads the newest file
+                reloads_send.send_nowait(None)
+        else:
+            signals.stopping = True
+            log.info("%s: stopping", name)
+            notifier.stopping(f"{name}: stopping workers")
+            nursery.start_soon(_stop, nursery.cancel_scope, sup)
+
+
+async def _stop(scope: trio.CancelScope, sup: Supervisor) -> None:
+    """Workers first, in order, each softly then hard (bounded by the stop grace), then the rest."""
+    await sup.stop()
+    scope.cancel()
+
+
+async def _reload_loop(
+    reloads: trio.MemoryReceiveChannel[None],
+    signals: Signals,
+    sup: Supervisor,
+    config_file: Path | None,
+    notifier: SystemdNotifier,
+) -> None:
+    async for _ in reloads:
+        if signals.stopping:
             return
+        notifier.reloading(f"reloading {config_file}")
+        await reload_config(sup, config_file)
+        notifier.reloaded(status_line(sup))  # READY=1 again (only if it was ready)
 
 
 async def reload_config(sup: Supervisor, config_file: Path | None) -> None:

@@ -8,12 +8,14 @@ power cut) the file holds either the old or the new table, never a torn one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
 from mcrelay import config
 from mcrelay.errors import ConfigError, McrelayError
 from mcrelay.rules import Rule
+from mcrelay.worker.faults import faults_for
 
 DEFAULT_STATE_DIR = Path("/var/lib/mcrelay")
 STATE_FILE = "rules.toml"
@@ -21,6 +23,11 @@ STATE_FILE = "rules.toml"
 
 class StateError(McrelayError):
     """The state directory cannot hold the rule table; the change was not made."""
+
+
+class StateNotDurable(StateError):
+    """The new table replaced the file but the directory could not be synced: the change is
+    made (a restart reads it back); only a power cut could still bring back the old table."""
 
 
 class RuleStore:
@@ -52,11 +59,6 @@ class RuleStore:
             finally:
                 os.close(fd)
             os.replace(tmp, self.path)
-            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -64,3 +66,20 @@ class RuleStore:
                 f"cannot save the rule table in {self.directory}: {exc.strerror or exc}; "
                 "nothing changed"
             ) from None
+        try:
+            self._sync_directory()
+        except OSError as exc:
+            raise StateNotDurable(
+                f"the rule table was saved, but {self.directory} could not sync: "
+                f"{exc.strerror or exc}; the change is made and kept at restart, "
+                "though a power cut now could undo it"
+            ) from None
+
+    def _sync_directory(self) -> None:
+        if "state-dir-fsync" in faults_for("supervisor"):
+            raise OSError(errno.EIO, "injected fault state-dir-fsync")
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -2,6 +2,10 @@
 
 A slot outlives the processes it runs. Each pending backoff is a cancel scope, so an operator's
 ``restart-worker`` or the supervisor's shutdown simply cancels it.
+
+Every send to a worker has a deadline (:attr:`WorkerSlot.send_deadline`): a worker that cannot
+take a message in time is hung, whatever the message, and is killed (then replaced and resynced
+like any failed worker). So no caller, and no lock a caller holds, waits on a worker for longer.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 import trio
@@ -73,6 +78,14 @@ class WorkerSlot:
         self._hb_acked: trio_util.AsyncValue[int] = trio_util.AsyncValue(0)
         self._hung = False
         self._restart_requested = False
+        #: Set by stop(): the supervisor is stopping, this slot never starts a worker again.
+        self._stopping = False
+        #: Set once the current process has exited and been reaped.
+        self._exited = trio.Event()
+        #: Bumped for every process the slot starts; tells a reply's worker from its successor.
+        self.incarnation = 0
+        #: Digest of the rule set the worker last acknowledged (data workers).
+        self.rule_digest: str | None = None
 
     @property
     def id(self) -> str:
@@ -94,6 +107,7 @@ class WorkerSlot:
             "state": str(self.state.value),
             "restarts": self.restarts,
             "rules": self.rule_count if self.spec.kind == "data" else None,
+            "digest": self.rule_digest if self.spec.kind == "data" else None,
             "backoff_remaining_s": remaining,
             "recent_failures": self.intensity.recent(trio.current_time()),
         }
@@ -111,9 +125,7 @@ class WorkerSlot:
         if launched is None or nursery is None:
             return
         self._restart_requested = True
-        try:
-            await launched.channel.send(Stop())
-        except ChannelClosed:
+        if not await self._deliver(launched, Stop()):
             launched.kill()
             return
 
@@ -123,28 +135,106 @@ class WorkerSlot:
 
         nursery.start_soon(kill_if_still_there)
 
-    async def send(self, message: object, fds: list[int] | None = None) -> bool:
-        """Send to the live, provisioned worker; False when there is none (it resyncs on start)."""
+    @property
+    def send_deadline(self) -> float:
+        """How long a worker may take to accept one message before it counts as hung.
+
+        The heartbeat timeout: a worker that cannot take a message for that long could not
+        have answered a heartbeat either.
+        """
+        return self._settings.heartbeat_timeout
+
+    async def send(
+        self, message: object, fds: list[int] | None = None, *, incarnation: int | None = None
+    ) -> bool:
+        """Send to the live, provisioned worker (only to ``incarnation`` when given).
+
+        False when there is none, or when it could not take the message in time: then it is
+        killed as hung, and its replacement resyncs on start.
+        """
         launched = self._launched
         if launched is None or not self.channel_ready:
             return False
-        try:
-            await launched.channel.send(message, fds)
-        except ChannelClosed:
+        if incarnation is not None and incarnation != self.incarnation:
             return False
-        return True
+        return await self._deliver(launched, message, fds)
 
     async def send_during_provisioning(self, message: object, fds: list[int] | None = None) -> None:
-        assert self._launched is not None
-        await self._launched.channel.send(message, fds)
+        """Send to the worker being provisioned; ChannelClosed if it cannot take it in time."""
+        launched = self._launched
+        if launched is None or not await self._deliver(launched, message, fds):
+            raise ChannelClosed(f"worker {self.id} did not take {type(message).__name__}")
+
+    def post(self, make_message: Callable[[], object]) -> None:
+        """Send in the background, to this process only.
+
+        For the read loop, which must never wait on a send (the worker may itself be waiting
+        for us to read). The message is made when the send starts, so it is as fresh as
+        anything sent after it.
+        """
+        launched, nursery = self._launched, self._run_nursery
+        if launched is None or nursery is None:
+            return
+
+        async def deliver() -> None:
+            await self._deliver(launched, make_message())
+
+        nursery.start_soon(deliver)
+
+    async def _deliver(
+        self, launched: Launched, message: object, fds: list[int] | None = None
+    ) -> bool:
+        """One send within the deadline; a worker that misses it is killed as hung."""
+        with trio.move_on_after(self.send_deadline):
+            try:
+                await launched.channel.send(message, fds)
+            except ChannelClosed:
+                return False
+            return True
+        self._hang(
+            launched, f"did not take a {type(message).__name__} within {self.send_deadline:g} s"
+        )
+        return False
+
+    def _hang(self, launched: Launched, why: str) -> None:
+        if launched is not self._launched or self._hung:
+            return
+        self._hung = True
+        self.channel_ready = False
+        log.error("worker %s %s: killing it", self.id, why)
+        launched.kill()
 
     # --- lifecycle ------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Stop for good (the supervisor is stopping): no restart.
+
+        The live worker gets Stop, then SIGKILL after the stop grace, and is reaped before
+        this returns.
+        """
+        self._stopping = True
+        if self._backoff_scope is not None:
+            self._backoff_scope.cancel()
+        launched, exited = self._launched, self._exited
+        if launched is None:
+            return
+        self._fire(Event.STOP)
+        with trio.move_on_after(self._settings.stop_grace):
+            await self._deliver(launched, Stop())
+            await exited.wait()
+        launched.kill()
+        await exited.wait()
 
     async def run(self) -> None:
         """Keep a worker running until cancelled; raises WorkerFatal only with exit_on_fatal."""
         policy = self._settings.backoff
         while True:
+            if self._stopping:
+                await self._park()
             outcome = await self._run_once()
+            if self._stopping:
+                self._fire(Event.DIED)
+                await self._park()
             if outcome == "restart":
                 self._fire(Event.DIED)
                 self.restarts += 1
@@ -182,6 +272,13 @@ class WorkerSlot:
             await self._backoff(delay)
             self.restarts += 1
 
+    async def _park(self) -> None:
+        """A stopped slot: nothing more to run until the supervisor's nursery is cancelled."""
+        if self.state.value is not WorkerState.EXITED:
+            self._fire(Event.STOP)
+            self._fire(Event.STOPPED)
+        await trio.sleep_forever()
+
     async def _backoff(self, delay: float) -> None:
         log.info("worker %s restarts in %.3f s", self.id, delay)
         with trio.CancelScope() as scope:
@@ -199,8 +296,11 @@ class WorkerSlot:
         self._restart_requested = False
         self.channel_ready = False
         self._hb_acked = trio_util.AsyncValue(0)
+        self.rule_digest = None
         launched = self._launcher.launch(self.spec)
         self._launched = launched
+        self.incarnation += 1
+        exited = self._exited = trio.Event()
         self.pid = launched.pid
         log.info("worker %s started (pid %d)", self.id, launched.pid)
         status: int | None = None
@@ -209,6 +309,7 @@ class WorkerSlot:
                 self._run_nursery = nursery
                 nursery.start_soon(self._converse, launched)
                 status = await launched.wait()
+                exited.set()
                 nursery.cancel_scope.cancel()
         finally:
             self._run_nursery = None
@@ -218,7 +319,13 @@ class WorkerSlot:
                 if status is None:
                     await self._stop(launched)
                 launched.close()
+            exited.set()
             self.pid = None
+        if self._stopping:
+            log.info(
+                "worker %s (pid %d) stopped: %s", self.id, launched.pid, _describe_status(status)
+            )
+            return "clean"
         if self._restart_requested:
             log.info("worker %s (pid %d) replaced on request", self.id, launched.pid)
             return "restart"
@@ -296,17 +403,15 @@ class WorkerSlot:
         while True:
             await trio.sleep(settings.heartbeat_interval)
             n += 1
-            await launched.channel.send(Heartbeat(n))
+            # The send is inside the timeout: a worker whose channel is full is as hung as one
+            # that does not answer, and a rule push queued in front delays it no longer.
             with trio.move_on_after(settings.heartbeat_timeout):
+                await launched.channel.send(Heartbeat(n))
                 await self._hb_acked.wait_value(lambda v, n=n: v >= n)
                 continue
-            self._hung = True
-            log.error(
-                "worker %s did not answer a heartbeat within %.1f s: killing it",
-                self.id,
-                settings.heartbeat_timeout,
+            self._hang(
+                launched, f"did not answer a heartbeat within {settings.heartbeat_timeout:.1f} s"
             )
-            launched.kill()
             return
 
 
