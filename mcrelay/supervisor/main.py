@@ -218,7 +218,10 @@ async def _handle_signals(
 
 async def _stop(scope: trio.CancelScope, sup: Supervisor) -> None:
     """Workers first, in order, each softly then hard (bounded by the stop grace), then the rest."""
-    await sup.stop()
+    # sup.stop() is bounded by the stop grace per step already; this bounds a process that
+    # even SIGKILL does not end at once (uninterruptible sleep): cancelling still reaps it.
+    with trio.move_on_after(3 * sup.settings.stop_grace + 1):
+        await sup.stop()
     scope.cancel()
 
 

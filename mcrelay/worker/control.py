@@ -33,6 +33,8 @@ CLIENT_SEND_TIMEOUT = 5.0
 #: How long a request may wait for the supervisor (rule changes wait for worker acks).
 REQUEST_TIMEOUT = 15.0
 MAX_CLIENTS = 512
+TIMED_OUT = "the supervisor did not answer in time"
+CHANGE_MAY_BE_DONE = "if the change had begun it is completed: `mcrelay rules` shows whether it was"
 #: accept() failures that pass (descriptor or memory exhaustion, an aborted connection): the
 #: listener is retried after this delay instead of crashing the worker.
 ACCEPT_RETRY_DELAY = 0.1
@@ -178,7 +180,11 @@ class ControlWorker:
             await self._channel.send(m.ControlRequest(req_id=req_id, request=request))  # type: ignore[arg-type]
             with trio.move_on_after(REQUEST_TIMEOUT):
                 return await receive.receive()
-            return m.Reply(ok=False, error="the supervisor did not answer in time")
+            if isinstance(request, (m.AddRule, m.RemoveRule, m.ReplaceRules)):
+                # The supervisor refuses a change it cannot begin in time; one it began is
+                # finished everywhere, so only "begun or not" is unknown here.
+                return m.Reply(ok=False, error=f"{TIMED_OUT}; {CHANGE_MAY_BE_DONE}")
+            return m.Reply(ok=False, error=TIMED_OUT)
         finally:
             self._pending.pop(req_id, None)
 

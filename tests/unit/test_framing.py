@@ -73,3 +73,31 @@ async def test_eof_is_channel_closed() -> None:
         raw.close()
         with pytest.raises(ChannelClosed):
             await channel.receive()
+
+
+async def test_send_cut_off_mid_frame_tears_the_channel(autojump_clock: trio.abc.Clock) -> None:
+    with pair() as (channel, _peer):
+        huge = m.Hello(version=1, role="supervisor", worker_id="x" * (4 * 1024 * 1024))
+        with trio.move_on_after(1) as scope:
+            await channel.send(huge)  # the peer never reads: part of it goes out, then it blocks
+        assert scope.cancelled_caught
+        # Another frame now would start inside the cut one: refused instead of written.
+        with pytest.raises(ChannelClosed, match="mid-frame"):
+            await channel.send(m.Heartbeat(n=1))
+
+
+async def test_send_cancelled_before_any_byte_keeps_the_channel(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    a, b = trio.socket.socketpair()
+    sender = FrameChannel(a, m.SupervisorToWorker)
+    receiver = FrameChannel(b, m.SupervisorToWorker)
+    try:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await sender.send(m.Heartbeat(n=1))
+        await sender.send(m.Heartbeat(n=2))
+        assert await receiver.receive() == m.Heartbeat(n=2)
+    finally:
+        sender.close()
+        receiver.close()
