@@ -129,6 +129,40 @@ def supervisor(
         str | None,
         typer.Option(help="Group whose members may use the control socket [default: root only]."),
     ] = None,
+    read_group: Annotated[
+        str | None,
+        typer.Option(
+            help="Group whose members may only read: ping, workers, rules, stats, log level "
+            "[default: none]."
+        ),
+    ] = None,
+    allow_input_interface: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="IF",
+            help="Rules may capture only on these interfaces (repeat) [default: any but lo].",
+        ),
+    ] = None,
+    allow_output: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="PREFIX[:PORTS][%IF]",
+            help="Outputs may only go to these destinations (repeat), e.g. 239.0.0.0/8, "
+            "10.1.0.0/16:6000-6099%eth2 [default: anywhere but loopback].",
+        ),
+    ] = None,
+    allow_host_input: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="PREFIX[:PORTS][%IF]",
+            help="Rules may capture these addresses of this host (repeat; 0.0.0.0/0: all) "
+            "[default: none].",
+        ),
+    ] = None,
+    allow_loopback: Annotated[
+        bool,
+        typer.Option(help="Allow lo and 127.0.0.0/8 as inputs and outputs [default: refused]."),
+    ] = False,
     user: Annotated[
         str, typer.Option(help="Unprivileged user the workers run as (when started as root).")
     ] = DEFAULT_WORKER_USER,
@@ -169,6 +203,7 @@ def supervisor(
     """Run the daemon in the foreground (systemd does the daemonizing)."""
     import trio
 
+    from mcrelay.policy import AccessPolicy
     from mcrelay.supervisor.backoff import BackoffPolicy
     from mcrelay.supervisor.dataplane import KernelDataPlane
     from mcrelay.supervisor.main import serve
@@ -181,16 +216,16 @@ def supervisor(
     if backoff_max < backoff_initial:
         raise typer.BadParameter("must be at least --backoff-initial", param_hint="--backoff-max")
     setup_logging(log_level, "mcrelay: supervisor")
-    socket_gid = None
-    if socket_group is not None:
-        import grp
-
-        try:
-            socket_gid = grp.getgrnam(socket_group).gr_gid
-        except KeyError:
-            raise fail(f"--socket-group {socket_group}: no such group", 2) from None
+    socket_gid = _group_id(socket_group, "--socket-group")
+    read_gid = _group_id(read_group, "--read-group")
     try:
         initial = config.load(config_file) if config_file else ()
+        policy = AccessPolicy.from_options(
+            input_interfaces=allow_input_interface or (),
+            outputs=allow_output or (),
+            host_inputs=allow_host_input or (),
+            allow_loopback=allow_loopback,
+        )
     except McrelayError as exc:
         raise fail(str(exc), 2) from None
     settings = SupervisorSettings(
@@ -203,6 +238,8 @@ def supervisor(
         pin_workers=pin_workers,
         worker_user=user,
         socket_gid=socket_gid,
+        read_gid=read_gid,
+        policy=policy,
         heartbeat_timeout=heartbeat_timeout,
         heartbeat_interval=min(1.0, heartbeat_timeout / 3),
         log_level=log_level,
@@ -224,6 +261,17 @@ def supervisor(
     except OSError as exc:
         raise fail(f"cannot start: {exc}", 2) from None
     raise typer.Exit(code)
+
+
+def _group_id(name: str | None, option: str) -> int | None:
+    if name is None:
+        return None
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise fail(f"{option} {name}: no such group", 2) from None
 
 
 # --- client commands --------------------------------------------------------------------------
@@ -369,7 +417,8 @@ def _daemon_rules(socket_path: Path) -> tuple[rules_mod.Rule, ...]:
 
     listed = _call(socket_path, m.ListRules())
     return msgspec.convert(
-        [{k: v for k, v in r.items() if k != "state"} for r in listed], tuple[rules_mod.Rule, ...]
+        [{k: v for k, v in r.items() if k not in ("state", "reason")} for r in listed],
+        tuple[rules_mod.Rule, ...],
     )
 
 

@@ -70,10 +70,12 @@ class Stop(_Msg, tag="stop"):
 
 class ListenSocket(_Msg, tag="listen-socket"):
     """Carries the control socket's listening descriptor (one fd) to the control-plane worker,
-    with who may use it: root, ``owner_uid`` (the supervisor's user) and group ``allowed_gid``."""
+    with who may use it: root, ``owner_uid`` (the supervisor's user) and group ``allowed_gid``
+    everything; group ``read_gid`` only the requests that change nothing."""
 
     owner_uid: int = 0
     allowed_gid: int | None = None
+    read_gid: int | None = None
 
 
 class AttachCapture(_Msg, tag="attach-capture"):

@@ -6,17 +6,19 @@ plumbing are injected, so the test harness can drive it with fake workers under 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, Protocol
 
 import msgspec
 import trio
 import trio_util
 
-from mcrelay.errors import McrelayError
+from mcrelay import policy
+from mcrelay.errors import McrelayError, RuleError
 from mcrelay.ipc import messages as m
 from mcrelay.rules import Rule
 from mcrelay.supervisor.launcher import Launcher, WorkerSpec
@@ -26,6 +28,7 @@ from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerSlot
 from mcrelay.supervisor.states import WorkerState
 from mcrelay.supervisor.stats import StatsBook
+from mcrelay.system.addresses import host_addresses, is_loopback_interface
 from mcrelay.system.logs import LOG_LEVELS, set_log_level
 from mcrelay.worker.control import REQUEST_TIMEOUT
 
@@ -57,6 +60,10 @@ class DataPlane(Protocol):
         """active, paused (input interface down) or unresolved (no such interface)."""
         ...
 
+    def worker_gone(self, slot: WorkerSlot, pid: int) -> None:
+        """Worker process ``pid`` of ``slot`` has been reaped: drop what was held for it."""
+        ...
+
     async def follow_links(self, sup: Supervisor) -> None:
         """Run for the supervisor's lifetime, following interfaces that come and go."""
         ...
@@ -77,6 +84,9 @@ class NoDataPlane:
     def rule_state(self, rule: Rule) -> str:
         return "active"
 
+    def worker_gone(self, slot: WorkerSlot, pid: int) -> None:
+        return None
+
     async def follow_links(self, sup: Supervisor) -> None:
         await trio.sleep_forever()
 
@@ -91,10 +101,16 @@ class Supervisor:
         listen_fd: int | None = None,
         dataplane: DataPlane | None = None,
         store: RuleStore | None = None,
+        host_addresses: Callable[[], Collection[ipaddress.IPv4Address]] = host_addresses,
+        is_loopback: Callable[[str], bool] = is_loopback_interface,
     ) -> None:
         self.settings = settings
         self.store = store
         self.table = table or RuleTable()
+        #: Saved or configured rules the access policy refuses: listed and kept, never installed.
+        self.refused: dict[str, tuple[Rule, str]] = {}
+        self._host_addresses = host_addresses
+        self._is_loopback = is_loopback
         self.dataplane: DataPlane = dataplane or NoDataPlane()
         self.stats = StatsBook()
         self.log_level = trio_util.AsyncValue(settings.log_level)
@@ -151,6 +167,59 @@ class Supervisor:
 
     # --- rule changes ---------------------------------------------------------------------
 
+    def load(self, rules: Iterable[Rule]) -> None:
+        """Start from ``rules`` (saved or configured, so set by root earlier): what the policy
+        refuses now is kept as ``refused`` (listed, saved, not installed), never dropped."""
+        allowed, self.refused = self._split(rules)
+        self.table.replace(allowed)
+        for _, reason in self.refused.values():
+            log.warning("%s; it stays listed as refused and is not installed", reason)
+
+    def saved_rules(self) -> tuple[Rule, ...]:
+        """What the state file holds: the table and the refused rules, by id."""
+        refused = (rule for rule, _ in self.refused.values())
+        return tuple(sorted((*self.table.rules, *refused), key=lambda r: r.id))
+
+    def _split(self, rules: Iterable[Rule]) -> tuple[list[Rule], dict[str, tuple[Rule, str]]]:
+        return policy.check(
+            self.settings.policy,
+            rules,
+            host_addresses=self._host_addresses,
+            is_loopback=self._is_loopback,
+        )
+
+    def _admit(self, rules: Iterable[Rule]) -> None:
+        """A change asked through the socket: refused whole, in one sentence, if any rule is."""
+        _, refused = self._split(rules)
+        for _, reason in refused.values():
+            raise RuleError(reason)
+
+    async def replace_rules(
+        self, rules: tuple[Rule, ...], *, keep_refused: bool, start_by: float | None = None
+    ) -> tuple[m.RuleUpdate, str | None]:
+        """Make the rule set ``rules`` (see `_change`). From a client (``keep_refused`` false) a
+        rule the policy refuses fails the whole change; from root's config file it is kept as
+        refused."""
+        if keep_refused:
+            allowed, refused = self._split(rules)
+        else:
+            self._admit(rules)
+            allowed, refused = list(rules), {}
+        before = self.refused
+
+        def change() -> m.RuleUpdate:
+            self.refused = refused
+            return self.table.replace(allowed)
+
+        try:
+            update, warning = await self._change(change, start_by)
+        except BaseException:
+            self.refused = before
+            raise
+        for _, reason in refused.values():
+            log.warning("%s; it stays listed as refused and is not installed", reason)
+        return update, warning
+
     async def sync_worker(self, slot: WorkerSlot) -> None:
         """Give a starting data worker the whole table and wait for a matching acknowledgement."""
         while True:
@@ -183,7 +252,7 @@ class Supervisor:
             warning = None
             if self.store is not None:
                 try:
-                    await trio.to_thread.run_sync(self.store.save, self.table.rules)
+                    await trio.to_thread.run_sync(self.store.save, self.saved_rules())
                 except StateNotDurable as exc:
                     warning = str(exc)
                     log.warning("rule change %d: %s", update.seq, warning)
@@ -252,20 +321,41 @@ class Supervisor:
             case m.ListWorkers():
                 return [slot.describe() for slot in self.slots.values()]
             case m.ListRules():
-                return [
+                listed = [
                     {**msgspec.to_builtins(rule), "state": self.dataplane.rule_state(rule)}
                     for rule in self.table.rules
                 ]
+                listed += [
+                    {**msgspec.to_builtins(rule), "state": "refused", "reason": reason}
+                    for rule, reason in self.refused.values()
+                ]
+                return sorted(listed, key=lambda r: str(r["id"]))
             case m.AddRule(rule=rule):
+                if rule.id in self.refused:
+                    raise RuleError(f"a rule with id {rule.id!r} already exists (refused)")
+                self._admit([rule])
                 _, warning = await self._change(lambda: self.table.add(rule), start_by)
                 log.info("rule %s added", rule.id)
                 return _warned({"id": rule.id}, warning)
+            case m.RemoveRule(id=rule_id) if rule_id in self.refused:
+                refused = self.refused.pop(rule_id)
+                try:
+                    _, warning = await self._change(
+                        lambda: self.table.replace(self.table.rules), start_by
+                    )
+                except BaseException:
+                    self.refused[rule_id] = refused
+                    raise
+                log.info("refused rule %s removed", rule_id)
+                return _warned({"id": rule_id}, warning)
             case m.RemoveRule(id=rule_id):
                 _, warning = await self._change(lambda: self.table.remove(rule_id), start_by)
                 log.info("rule %s removed", rule_id)
                 return _warned({"id": rule_id}, warning)
             case m.ReplaceRules(rules=rules):
-                update, warning = await self._change(lambda: self.table.replace(rules), start_by)
+                update, warning = await self.replace_rules(
+                    rules, keep_refused=False, start_by=start_by
+                )
                 log.info(
                     "rule set replaced: %d added or changed, %d removed or changed",
                     len(update.added),
@@ -329,6 +419,9 @@ class _DataRole:
         slot.acked_seq.value = -1
         await self._sup.sync_worker(slot)
 
+    def released(self, slot: WorkerSlot, pid: int) -> None:
+        self._sup.dataplane.worker_gone(slot, pid)
+
     async def handle(self, slot: WorkerSlot, message: Any, nursery: trio.Nursery) -> None:
         if isinstance(message, m.RuleAck):
             await self._sup.on_ack(slot, message)
@@ -346,8 +439,14 @@ class _ControlRole:
     async def provision(self, slot: WorkerSlot) -> None:
         # The supervisor keeps its own copy: connections queue in the backlog while a control
         # worker restarts, and are served by the next one.
-        listen = m.ListenSocket(owner_uid=os.getuid(), allowed_gid=self._sup.settings.socket_gid)
+        settings = self._sup.settings
+        listen = m.ListenSocket(
+            owner_uid=os.getuid(), allowed_gid=settings.socket_gid, read_gid=settings.read_gid
+        )
         await slot.send_during_provisioning(listen, [self._listen_fd])
+
+    def released(self, slot: WorkerSlot, pid: int) -> None:
+        return None
 
     async def handle(self, slot: WorkerSlot, message: Any, nursery: trio.Nursery) -> None:
         if isinstance(message, m.ControlRequest):

@@ -1,8 +1,11 @@
-"""Kernel-side plumbing for data workers: capture sockets and group memberships.
+"""Kernel-side plumbing for data workers: capture sockets, their filters, group memberships.
 
 The supervisor is the only privileged process, so it opens every AF_PACKET socket and passes it
-to a data worker over the socketpair, then closes its own copy: when that worker dies the socket
-dies with it and the kernel moves its share of the fanout group to the other workers.
+to a data worker over the socketpair. It keeps its own copy while that worker process lives,
+because the socket's BPF filter is the supervisor's: it attaches it before bind and replaces it
+in place when the rules on that interface change; the worker only maps the ring and never sets
+an option on the socket. When the worker is reaped the supervisor closes its copy, so the socket
+dies with the worker and the kernel moves its share of the fanout group to the other workers.
 """
 
 from __future__ import annotations
@@ -56,19 +59,28 @@ class KernelDataPlane:
         self.memberships = Memberships()
         self._fanout: dict[str, int] = {}
         self._next_fanout = itertools.count((os.getpid() * 97) & 0xFFFF)
-        #: Per worker incarnation (id, pid): interfaces whose capture socket it holds.
-        self._attached: dict[tuple[str, int | None], set[str]] = {}
+        #: Per worker incarnation (id, pid): the capture socket of each interface it holds
+        #: (the supervisor's copy, through which the filter is replaced).
+        self._held: dict[tuple[str, int | None], dict[str, socket.socket]] = {}
+        #: The filter every capture socket on an interface carries, compiled once per change.
+        self._programs: dict[str, list[bpf.Instruction]] = {}
         self._warned: set[str] = set()
 
     async def provision(self, slot: WorkerSlot, table: RuleTable) -> None:
         key = (slot.id, slot.pid)
-        for stale in [k for k in self._attached if k[0] == slot.id and k != key]:
-            del self._attached[stale]
-        held = self._attached.setdefault(key, set())
+        for stale in [k for k in self._held if k[0] == slot.id and k != key]:
+            self._release(stale)
+        held = self._held.setdefault(key, {})
         rules = table.rules
-        for interface in sorted(input_interfaces(rules) - held):
-            if await self._attach(slot, interface, rules, provisioning=True):
-                held.add(interface)
+        for interface in sorted(input_interfaces(rules) - set(held)):
+            await self._attach(slot, interface, rules, provisioning=True)
+
+    def worker_gone(self, slot: WorkerSlot, pid: int) -> None:
+        self._release((slot.id, pid))
+
+    def _release(self, key: tuple[str, int | None]) -> None:
+        for sock in self._held.pop(key, {}).values():
+            sock.close()
 
     def rule_state(self, rule: Rule) -> str:
         """active (capturing), paused (interface down) or unresolved (no such interface).
@@ -106,18 +118,14 @@ class KernelDataPlane:
             return
         self.memberships.forget(interface)
         for slot in slots:
-            held = self._attached.setdefault((slot.id, slot.pid), set())
-            if interface in held:
-                held.discard(interface)
-                await slot.send(m.DetachCapture(interface=interface))
+            await self._detach(slot, interface)
         if state is LinkState.ABSENT:
             log.warning("input interface %s is gone: its rules are unresolved", interface)
             return
         log.info("input interface %s is up: capturing", interface)
         self.memberships.update(wanted_memberships(rules))
         for slot in slots:
-            if await self._attach(slot, interface, rules, provisioning=False):
-                self._attached[(slot.id, slot.pid)].add(interface)
+            await self._attach(slot, interface, rules, provisioning=False)
 
     async def rules_changed(self, table: RuleTable, slots: list[WorkerSlot]) -> None:
         rules = table.rules
@@ -125,41 +133,77 @@ class KernelDataPlane:
             self._links[interface] = link_state(interface)
         self.memberships.update(wanted_memberships(rules))
         interfaces = input_interfaces(rules)
+        self._refresh_filters(rules)
         for slot in slots:
             if not slot.channel_ready:
                 continue  # a starting worker gets its sockets in provision()
-            held = self._attached.setdefault((slot.id, slot.pid), set())
-            for interface in sorted(held - interfaces):
-                await slot.send(m.DetachCapture(interface=interface))
-                held.discard(interface)
-            for interface in sorted(interfaces - held):
-                if await self._attach(slot, interface, rules, provisioning=False):
-                    held.add(interface)
+            held = self._held.setdefault((slot.id, slot.pid), {})
+            for interface in sorted(set(held) - interfaces):
+                await self._detach(slot, interface)
+            for interface in sorted(interfaces - set(held)):
+                await self._attach(slot, interface, rules, provisioning=False)
         for interface in set(self._fanout) - interfaces:
             del self._fanout[interface]
 
+    def _program(self, interface: str, rules: tuple[Rule, ...]) -> list[bpf.Instruction]:
+        program = self._programs.get(interface)
+        if program is None:
+            program = self._programs[interface] = bpf.compile_filter(filter_pairs(rules, interface))
+        return program
+
+    def _refresh_filters(self, rules: tuple[Rule, ...]) -> None:
+        """Replace, in place and atomically, the filter of every capture socket whose
+        interface's (destination, port) pairs changed; workers keep their rings."""
+        old, self._programs = self._programs, {}
+        for interface in input_interfaces(rules):
+            program = self._program(interface, rules)
+            if old.get(interface) == program:
+                continue
+            for held in self._held.values():
+                sock = held.get(interface)
+                if sock is None:
+                    continue
+                try:
+                    bpf.attach(sock, program)
+                except OSError as exc:
+                    log.error("cannot update the capture filter on %s: %s", interface, exc)
+
+    async def _detach(self, slot: WorkerSlot, interface: str) -> None:
+        sock = self._held.get((slot.id, slot.pid), {}).pop(interface, None)
+        if sock is not None:
+            sock.close()
+            await slot.send(m.DetachCapture(interface=interface))
+
     async def _attach(
         self, slot: WorkerSlot, interface: str, rules: tuple[Rule, ...], *, provisioning: bool
-    ) -> bool:
+    ) -> None:
+        """Open a capture socket for ``slot`` and hand it over; the supervisor keeps a copy."""
         try:
             sock = self._open(interface, rules)
         except OSError as exc:
             if interface not in self._warned:
                 log.warning("cannot capture on %s: %s", interface, exc.strerror or exc)
                 self._warned.add(interface)
-            return False
+            return
         self._warned.discard(interface)
+        held = self._held.setdefault((slot.id, slot.pid), {})
+        held[interface] = sock
+        message = m.AttachCapture(interface=interface)
+        sent = False
         try:
-            message = m.AttachCapture(interface=interface)
             if provisioning:
                 await slot.send_during_provisioning(message, [sock.fileno()])
-                return True
-            return await slot.send(message, [sock.fileno()])
+                sent = True
+            else:
+                sent = await slot.send(message, [sock.fileno()])
         finally:
-            sock.close()
+            if not sent:  # the worker is gone (or going): nobody holds this socket
+                if held.get(interface) is sock:
+                    del held[interface]
+                sock.close()
 
     def _open(self, interface: str, rules: tuple[Rule, ...]) -> socket.socket:
-        program = bpf.compile_filter(filter_pairs(rules, interface))
+        program = self._program(interface, rules)
         for _ in range(16):
             group = self._fanout.get(interface)
             if group is None:
@@ -179,4 +223,6 @@ class KernelDataPlane:
         raise OSError(errno.EADDRINUSE, "no free fanout group id")
 
     def close(self) -> None:
+        for key in list(self._held):
+            self._release(key)
         self.memberships.close()

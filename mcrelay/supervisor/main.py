@@ -17,8 +17,7 @@ from pathlib import Path
 import trio
 
 from mcrelay import config
-from mcrelay.errors import ConfigError, SupervisorRunning
-from mcrelay.ipc.messages import ReplaceRules
+from mcrelay.errors import ConfigError, McrelayError, SupervisorRunning
 from mcrelay.rules import Rule
 from mcrelay.supervisor.core import DataPlane, Supervisor
 from mcrelay.supervisor.launcher import ProcessLauncher
@@ -62,12 +61,18 @@ def held_signals() -> Iterator[Signals]:
 
 
 @contextlib.contextmanager
-def control_socket(path: Path, group: int | None = None) -> Iterator[socket.socket]:
+def control_socket(
+    path: Path, group: int | None = None, *, open_to_all: bool = False
+) -> Iterator[socket.socket]:
     """Bind the control socket, refusing if a live supervisor owns the path.
 
     Ownership is an flock on ``PATH.lock`` held for the supervisor's lifetime: the kernel drops it
     when the process dies however it dies, so a stale socket file is told apart from a live one
     without guessing, and is replaced.
+
+    The file is 0660 (owner and ``group``); ``open_to_all`` (a read-only group exists besides
+    the socket's group, and a file has one group owner) makes it 0666: the daemon's own
+    SO_PEERCRED check (`mcrelay.system.peers`) is what decides who may do what either way.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
@@ -92,8 +97,8 @@ def control_socket(path: Path, group: int | None = None) -> Iterator[socket.sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(str(path))
-            # Owner and group only; see mcrelay.system.peers for who may do what.
-            os.chmod(path, 0o660)
+            # See mcrelay.system.peers for who may do what.
+            os.chmod(path, 0o666 if open_to_all else 0o660)
             if group is not None:
                 os.chown(path, -1, group)
             sock.listen(LISTEN_BACKLOG)
@@ -127,25 +132,31 @@ async def serve(
     with (
         held_signals() as signals,
         SystemdNotifier.from_environment() as notifier,
-        control_socket(settings.control_socket, settings.socket_gid) as listener,
+        control_socket(
+            settings.control_socket,
+            settings.socket_gid,
+            open_to_all=settings.read_gid is not None,
+        ) as listener,
     ):
-        table = RuleTable()
-        saved = store.load() if store is not None else None
-        if saved is not None:
-            table.replace(saved)
-            log.info("restored %d rules from %s", len(saved), store.path if store else "")
-        elif initial_rules:
-            table.replace(initial_rules)
-            if store is not None:
-                store.save(table.rules)
         sup = Supervisor(
             settings,
             ProcessLauncher(identity),
-            table=table,
+            table=RuleTable(),
             listen_fd=listener.fileno(),
             dataplane=dataplane,
             store=store,
         )
+        for line in settings.policy.describe():
+            log.info("access policy: %s", line)
+        saved = store.load() if store is not None else None
+        if saved is not None:
+            sup.load(saved)
+            log.info("restored %d rules from %s", len(saved), store.path if store else "")
+        elif initial_rules:
+            sup.load(initial_rules)
+            if store is not None:
+                store.save(sup.saved_rules())
+        table = sup.table
         # Bound before any worker starts: a taken port is a plain error (exit 2), not a group.
         metrics = await open_metrics_listeners(metrics_listen) if metrics_listen else []
         fatal = False
@@ -250,8 +261,13 @@ async def reload_config(sup: Supervisor, config_file: Path | None) -> None:
     except ConfigError as exc:
         log.error("SIGHUP: %s; nothing changed", exc)
         return
-    reply = await sup.execute(ReplaceRules(rules=rules))
-    if reply.ok:
-        log.info("SIGHUP: reloaded %s (%d rules)", config_file, len(rules))
-    else:
-        log.error("SIGHUP: %s: %s; nothing changed", config_file, reply.error)
+    try:
+        # The file is root's, like the policy: what the policy refuses is kept as refused.
+        await sup.replace_rules(rules, keep_refused=True)
+    except McrelayError as exc:
+        log.error("SIGHUP: %s: %s; nothing changed", config_file, exc)
+        return
+    except Exception:  # a bug must not take the daemon down with its signal handler
+        log.exception("SIGHUP: reloading %s failed", config_file)
+        return
+    log.info("SIGHUP: reloaded %s (%d rules)", config_file, len(rules))

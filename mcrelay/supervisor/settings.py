@@ -6,6 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from mcrelay.policy import AccessPolicy
 from mcrelay.supervisor.backoff import BackoffPolicy
 from mcrelay.system.privileges import DEFAULT_WORKER_USER
 
@@ -31,6 +32,10 @@ class SupervisorSettings:
     log_level: str = "info"
     #: Group allowed to use the control socket besides root (None: root only).
     socket_gid: int | None = None
+    #: Group allowed to read (ping, workers, rules, stats, log level) but change nothing.
+    read_gid: int | None = None
+    #: What rules may name (set by root with supervisor options; never through the socket).
+    policy: AccessPolicy = dataclasses.field(default_factory=AccessPolicy)
     #: The unprivileged user workers run as (when the supervisor runs as root).
     worker_user: str = DEFAULT_WORKER_USER
     #: Pin data worker i to CPU i (modulo the CPUs this process may use).

@@ -46,6 +46,10 @@ class SlotRole(Protocol):
         """React to a message from the worker; long work goes into ``nursery``."""
         ...
 
+    def released(self, slot: WorkerSlot, pid: int) -> None:
+        """Worker process ``pid`` has been reaped: drop what the supervisor held for it."""
+        ...
+
 
 class WorkerSlot:
     def __init__(
@@ -321,6 +325,7 @@ class WorkerSlot:
                 launched.close()
             exited.set()
             self.pid = None
+            self._role.released(self, launched.pid)
         if self._stopping:
             log.info(
                 "worker %s (pid %d) stopped: %s", self.id, launched.pid, _describe_status(status)

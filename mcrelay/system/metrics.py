@@ -29,7 +29,7 @@ log = logging.getLogger("mcrelay.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 WORKER_STATES = ("starting", "running", "backoff", "stopping", "exited", "fatal")
-RULE_STATES = ("active", "paused", "unresolved")
+RULE_STATES = ("active", "paused", "unresolved", "refused")
 #: The documented reasons (docs/reference.md § Drop reasons): exported as 0 until seen, so a
 #: rate() over them works from the first scrape.
 DROP_REASONS = (

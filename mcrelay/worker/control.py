@@ -22,7 +22,7 @@ from mcrelay.errors import ChannelClosed, McrelayError, ProtocolError
 from mcrelay.ipc import messages as m
 from mcrelay.ipc.framing import MAX_CLIENT_FRAME_SIZE, FrameChannel
 from mcrelay.system.logs import LOG_LEVELS
-from mcrelay.system.peers import peer_credentials, refusal
+from mcrelay.system.peers import Role, denied, peer_credentials, request_refusal, role_of
 
 log = logging.getLogger("mcrelay.control")
 
@@ -35,6 +35,11 @@ REQUEST_TIMEOUT = 15.0
 MAX_CLIENTS = 512
 TIMED_OUT = "the supervisor did not answer in time"
 CHANGE_MAY_BE_DONE = "if the change had begun it is completed: `mcrelay rules` shows whether it was"
+#: At most this many connections per uid, except root's and the supervisor's user's.
+MAX_CLIENTS_PER_UID = 64
+#: Connections only root and the supervisor's user may take: others together get the rest, so
+#: no group member (or several) can lock root out by holding connections open.
+ADMIN_RESERVED = 16
 #: accept() failures that pass (descriptor or memory exhaustion, an aborted connection): the
 #: listener is retried after this delay instead of crashing the worker.
 ACCEPT_RETRY_DELAY = 0.1
@@ -56,7 +61,11 @@ class ControlWorker:
         self._ids = itertools.count(1)
         self._owner_uid = 0
         self._allowed_gid: int | None = None
+        self._read_gid: int | None = None
         self._clients = 0
+        #: Open connections per peer uid, and the uids already logged as over their cap.
+        self._per_uid: dict[int, int] = {}
+        self._capped: set[int] = set()
         #: Requests taken from clients and not yet answered; a stopping worker answers them first.
         self._inflight = trio_util.AsyncValue(0)
 
@@ -68,8 +77,9 @@ class ControlWorker:
 
     async def handle(self, message: Any) -> None:
         match message:
-            case m.ListenSocket(owner_uid=owner_uid, allowed_gid=allowed_gid):
+            case m.ListenSocket(owner_uid=owner_uid, allowed_gid=allowed_gid, read_gid=read_gid):
                 self._owner_uid, self._allowed_gid = owner_uid, allowed_gid
+                self._read_gid = read_gid
                 (fd,) = self._channel.take_fds(1)
                 listener = socket.socket(fileno=fd)
                 listener.setblocking(False)
@@ -98,23 +108,53 @@ class ControlWorker:
                     await trio.sleep(ACCEPT_RETRY_DELAY)
                     continue
                 failing = False
-                if self._clients >= MAX_CLIENTS:
+                try:
+                    pid, uid, gid = peer_credentials(conn)
+                except OSError:
                     conn.close()
-                    log.warning("refused a client: %d clients already connected", MAX_CLIENTS)
+                    continue
+                over = self._over_cap(uid)
+                if over is not None:
+                    conn.close()
+                    if uid not in self._capped:
+                        self._capped.add(uid)
+                        log.warning("refused a client: %s", over)
                     continue
                 # Counted here, not in the task: clients accepted before their tasks run count.
                 self._clients += 1
-                nursery.start_soon(self._client, conn)
+                self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+                nursery.start_soon(self._client, conn, pid, uid, gid)
 
-    async def _client(self, conn: trio.socket.SocketType) -> None:
+    def _over_cap(self, uid: int) -> str | None:
+        """Why a new connection from ``uid`` is one too many, or None."""
+        if self._clients >= MAX_CLIENTS:
+            return f"{MAX_CLIENTS} clients already connected"
+        if uid in (0, self._owner_uid):
+            return None
+        if self._clients >= MAX_CLIENTS - ADMIN_RESERVED:
+            return (
+                f"uid {uid}: {MAX_CLIENTS - ADMIN_RESERVED} clients already connected "
+                f"(the last {ADMIN_RESERVED} of {MAX_CLIENTS} are kept for root)"
+            )
+        if self._per_uid.get(uid, 0) >= MAX_CLIENTS_PER_UID:
+            return f"uid {uid} already holds {MAX_CLIENTS_PER_UID} connections (its limit)"
+        return None
+
+    async def _client(self, conn: trio.socket.SocketType, pid: int, uid: int, gid: int) -> None:
         channel = FrameChannel(
             conn, m.ClientToServer, max_frame=MAX_CLIENT_FRAME_SIZE, accept_fds=False
         )
         try:
-            reason = refusal(
-                *peer_credentials(conn), owner_uid=self._owner_uid, allowed_gid=self._allowed_gid
+            role = role_of(
+                pid,
+                uid,
+                gid,
+                owner_uid=self._owner_uid,
+                allowed_gid=self._allowed_gid,
+                read_gid=self._read_gid,
             )
-            if reason is not None:
+            if role is None:
+                reason = denied(uid, self._allowed_gid, self._read_gid)
                 log.warning("refused a client: %s", reason)
                 with trio.move_on_after(CLIENT_SEND_TIMEOUT):
                     # Take its hello first, so the refusal is read rather than lost to a reset.
@@ -122,7 +162,7 @@ class ControlWorker:
                         await channel.receive()
                     await channel.send(m.Reply(ok=False, error=reason))
                 return
-            await self._converse(channel)
+            await self._converse(channel, role, uid)
         except (ChannelClosed, trio.TooSlowError):
             pass
         except ProtocolError as exc:
@@ -135,9 +175,15 @@ class ControlWorker:
             log.exception("client connection failed")
         finally:
             self._clients -= 1
+            left = self._per_uid[uid] - 1
+            if left:
+                self._per_uid[uid] = left
+            else:
+                del self._per_uid[uid]
+            self._capped.discard(uid)
             channel.close()
 
-    async def _converse(self, channel: FrameChannel) -> None:
+    async def _converse(self, channel: FrameChannel, role: Role, uid: int) -> None:
         with trio.fail_after(CLIENT_IDLE_TIMEOUT):
             hello = await channel.receive()
         if not isinstance(hello, m.Hello):
@@ -156,7 +202,11 @@ class ControlWorker:
                 request = await channel.receive()
             self._inflight.value += 1
             try:
-                reply = await self._answer(request)
+                refused = request_refusal(role, uid, request, self._read_gid)
+                if refused is not None:
+                    reply = m.Reply(ok=False, error=refused)
+                else:
+                    reply = await self._answer(request)
                 with trio.fail_after(CLIENT_SEND_TIMEOUT):
                     await channel.send(reply)
             finally:

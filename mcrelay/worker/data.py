@@ -1,7 +1,9 @@
 """The data-plane worker: holds the rule set the supervisor gave it and relays packets.
 
 Per capture socket (one per input interface, passed by the supervisor) it maps a TPACKET_V3 ring
-and relays each retired block in one pass (``relay_loop``). Rules become per-interface route
+and relays each retired block in one pass (``relay_loop``). The socket's kernel filter and ring
+are the supervisor's: the worker never sets an option on a capture socket (it only maps the ring
+and reads its statistics). Rules become per-interface route
 tables keyed by destination address and port; output sockets are opened when a rule is installed,
 never per packet. Counters live on the route objects and are pushed to the supervisor once a second.
 """
@@ -20,7 +22,6 @@ from typing import Any
 import trio
 
 from mcrelay import rules as rules_mod
-from mcrelay.dataplane import bpf
 from mcrelay.dataplane.egress import Destination, SendBatch, open_output_socket, udp_gso_max
 from mcrelay.dataplane.parse import Drop, parse_udp
 from mcrelay.dataplane.relay_loop import (
@@ -185,17 +186,15 @@ class DataWorker:
         )
 
     def _install(self, capture: _Capture) -> None:
-        """Point the capture's route table and kernel filter at the current rules."""
+        """Point the capture's route table at the current rules (the supervisor keeps the
+        socket's kernel filter in step with the same rules)."""
         by_key: dict[int, list[Route]] = {}
-        pairs = []
         for rule, route in self._routes.values():
             if rule.input.interface != capture.interface:
                 continue
             key = route_key(rule.input.group, rule.input.port)
-            pairs.append((rule.input.group, rule.input.port))
             by_key.setdefault(key, []).append(route)
         capture.table = {key: Route.switch(routes) for key, routes in by_key.items()}
-        bpf.attach(capture.sock, bpf.compile_filter(pairs))
 
     def _retire(self, rule_id: str, rule: Rule, route: Route) -> None:
         """Keep a replaced route's counts, so this worker's totals never go backwards."""
@@ -209,7 +208,7 @@ class DataWorker:
 
     def _attach(self, interface: str, sock: socket.socket) -> None:
         self._detach(interface)
-        sock.setblocking(False)
+        sock.setblocking(False)  # fcntl O_NONBLOCK (already set by the supervisor), no option
         try:
             ring = RxRing(sock, configured=True)  # the supervisor installed it before bind
         except OSError as exc:
