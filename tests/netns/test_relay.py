@@ -117,7 +117,14 @@ def test_multicast_to_unicast(chain: topology.Chain, relay: Daemon) -> None:
     assert (report["received"], report["lost"]) == (2000, 0)
 
 
-def test_unicast_to_multicast(chain: topology.Chain, relay: Daemon) -> None:
+def test_unicast_to_multicast(chain: topology.Chain, tmp_path: Path) -> None:
+    # The relay's own address as input: refused by the default policy, so allowed here.
+    with relay_daemon(chain.relay, tmp_path, "--num-workers", "2",
+                      "--allow-host-input", chain.relay_in_addr) as relay:  # fmt: skip
+        _unicast_to_multicast(chain, relay)
+
+
+def _unicast_to_multicast(chain: topology.Chain, relay: Daemon) -> None:
     add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}", group=chain.relay_in_addr)
     with sink(chain.sink, OUT_GROUP, OUT_PORT, chain.sink_if, "--count", "2000",
               "--idle-timeout", "2") as s:  # fmt: skip
