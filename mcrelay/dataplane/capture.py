@@ -10,15 +10,14 @@ Order of operations, each step forced by the kernel (net/packet/af_packet.c):
 4. ``PACKET_FANOUT``: the kernel refuses to join a group with a socket that is not bound with a
    protocol (EINVAL), and refuses to re-bind a member, so fanout comes after bind.
 
-The worker installs the ring later (`mcrelay.dataplane.ring.RxRing`) on the descriptor it was
-given. That order is supported: ``packet_set_ring`` unhooks the socket (a fanout member leaves
-its group for that moment and its share goes to the other members), purges the frames queued in
-the plain receive queue since bind, installs the ring and re-hooks the socket into the same
-group. ``PACKET_VERSION`` must precede the ring; `RxRing` does both. So no ring parameters are
-needed here, and each worker sizes its own ring.
+With ``ring=True`` the ring is installed here too, before bind (`mcrelay.dataplane.ring.configure`),
+so no frame lands in the plain receive queue that installing a ring later would purge; the data
+worker only maps it (``RxRing(sock, configured=True)``) and never sets an option on the socket.
+The filter stays the supervisor's as well: it keeps a copy of the descriptor while the worker
+lives and replaces the filter in place with `bpf.attach` when rules change.
 
-After passing the descriptor, the supervisor should close its copy: a fanout member that
-outlives its worker keeps receiving its share of the flows, which then go nowhere.
+The supervisor closes its copy as soon as the worker is gone: a fanout member that outlives its
+worker keeps receiving its share of the flows, which then go nowhere.
 """
 
 from __future__ import annotations
