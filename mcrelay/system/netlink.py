@@ -22,9 +22,9 @@ IFF_UP = 0x1
 IFF_RUNNING = 0x40
 SIOCGIFFLAGS = 0x8913
 
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
-_RTATTR = struct.Struct("=HH")
+RTATTR = struct.Struct("=HH")
 
 
 class LinkState(enum.StrEnum):
@@ -33,26 +33,34 @@ class LinkState(enum.StrEnum):
     UP = "up"
 
 
-def link_state(name: str) -> LinkState:
-    """The interface's state now: absent, down (admin down or no carrier), or up."""
+def interface_flags(name: str) -> int | None:
+    """The interface's IFF_* flags, or None when there is no such interface."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
             ifreq = fcntl.ioctl(probe, SIOCGIFFLAGS, struct.pack("16sH14x", name.encode(), 0))
         except OSError:
-            return LinkState.ABSENT
+            return None
     (flags,) = struct.unpack_from("H", ifreq, 16)
+    return int(flags)
+
+
+def link_state(name: str) -> LinkState:
+    """The interface's state now: absent, down (admin down or no carrier), or up."""
+    flags = interface_flags(name)
+    if flags is None:
+        return LinkState.ABSENT
     return LinkState.UP if flags & IFF_UP and flags & IFF_RUNNING else LinkState.DOWN
 
 
 def parse(data: bytes) -> Iterator[tuple[str, LinkState]]:
     """(interface name, state) for each link message in one netlink datagram."""
     offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size or offset + length > len(data):
+    while offset + NLMSGHDR.size <= len(data):
+        length, kind, _, _, _ = NLMSGHDR.unpack_from(data, offset)
+        if length < NLMSGHDR.size or offset + length > len(data):
             return
         if kind in (RTM_NEWLINK, RTM_DELLINK):
-            body = offset + _NLMSGHDR.size
+            body = offset + NLMSGHDR.size
             if body + _IFINFOMSG.size <= offset + length:
                 _, _, _, flags, _ = _IFINFOMSG.unpack_from(data, body)
                 name = _ifname(data, body + _IFINFOMSG.size, offset + length)
@@ -68,13 +76,13 @@ def parse(data: bytes) -> Iterator[tuple[str, LinkState]]:
 
 
 def _ifname(data: bytes, start: int, end: int) -> str | None:
-    while start + _RTATTR.size <= end:
-        length, kind = _RTATTR.unpack_from(data, start)
-        if length < _RTATTR.size:
+    while start + RTATTR.size <= end:
+        length, kind = RTATTR.unpack_from(data, start)
+        if length < RTATTR.size:
             return None
         if kind == IFLA_IFNAME:
             return (
-                data[start + _RTATTR.size : start + length]
+                data[start + RTATTR.size : start + length]
                 .split(b"\0", 1)[0]
                 .decode(errors="replace")
             )
