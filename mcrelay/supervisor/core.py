@@ -181,6 +181,8 @@ class Supervisor:
         return tuple(sorted((*self.table.rules, *refused), key=lambda r: r.id))
 
     def _split(self, rules: Iterable[Rule]) -> tuple[list[Rule], dict[str, tuple[Rule, str]]]:
+        rules = tuple(rules)
+        RuleTable().replace(rules)  # the whole set, refused rules included, must be consistent
         return policy.check(
             self.settings.policy,
             rules,
@@ -193,6 +195,16 @@ class Supervisor:
         _, refused = self._split(rules)
         for _, reason in refused.values():
             raise RuleError(reason)
+
+    def _check_against_refused(self, rule: Rule) -> None:
+        if rule.id in self.refused:
+            raise RuleError(f"a rule with id {rule.id!r} already exists (refused)")
+        for other, _ in self.refused.values():
+            if other.match_key == rule.match_key:
+                raise RuleError(
+                    f"rule {other.id!r} (refused) already names {rule.input.group}:"
+                    f"{rule.input.port} on {rule.input.interface}"
+                )
 
     async def replace_rules(
         self, rules: tuple[Rule, ...], *, keep_refused: bool, start_by: float | None = None
@@ -331,8 +343,7 @@ class Supervisor:
                 ]
                 return sorted(listed, key=lambda r: str(r["id"]))
             case m.AddRule(rule=rule):
-                if rule.id in self.refused:
-                    raise RuleError(f"a rule with id {rule.id!r} already exists (refused)")
+                self._check_against_refused(rule)
                 self._admit([rule])
                 _, warning = await self._change(lambda: self.table.add(rule), start_by)
                 log.info("rule %s added", rule.id)

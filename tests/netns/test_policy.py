@@ -146,6 +146,7 @@ def test_saved_rules_that_a_new_policy_refuses_are_kept_as_refused(
     for d in start(ns, tmp, "--allow-loopback"):
         assert add(d, "lo", "239.1.1.1", 5000, "239.2.2.2:5000:d0", rid="loop") == "ok"
         assert add(d, "d0", "239.1.1.2", 5000, "239.2.2.3:5000:d1", rid="fine") == "ok"
+        assert add(d, "d0", "239.1.1.5", 5000, "127.0.0.1:5000:d1", rid="out") == "ok"
     saved = tmp / "state" / "rules.toml"
     assert 'id = "loop"' in saved.read_text()
     # The same state under the default policy: listed as refused, kept on disk, not installed.
@@ -158,6 +159,7 @@ def test_saved_rules_that_a_new_policy_refuses_are_kept_as_refused(
             "(allowed only with --allow-loopback)"
         )
         assert rules["loop"]["reason"] == reason
+        assert rules["out"]["state"] == "refused"
         assert "refused" in d.ok("rules")
         assert d.workers()["data-0"]["rules"] == 1  # only "fine" reached the data worker
         assert f"{reason}; it stays listed as refused and is not installed" in d.log.read_text()
@@ -168,9 +170,17 @@ def test_saved_rules_that_a_new_policy_refuses_are_kept_as_refused(
         assert add(d, "d0", "239.1.1.3", 5000, "239.2.2.4:5000:d1", rid="new") == "ok"
         assert 'id = "loop"' in saved.read_text()
         assert "already exists" in add(d, "d1", "239.1.1.9", 5000, "239.2.2.5:5000:d1", rid="loop")
+        # A refused rule still owns its input: another rule for it would clash once allowed.
+        assert add(d, "d0", "239.1.1.5", 5000, "239.2.2.6:5000:d1", rid="twin") == (
+            "mcrelay: rule 'out' (refused) already names 239.1.1.5:5000 on d0\n"
+        )
         d.ok("remove", "loop")
         assert 'id = "loop"' not in saved.read_text()
-        assert sorted(r["id"] for r in json.loads(d.ok("rules", "--json"))) == ["fine", "new"]
+        assert sorted(r["id"] for r in json.loads(d.ok("rules", "--json"))) == [
+            "fine",
+            "new",
+            "out",
+        ]
 
 
 def test_a_config_file_rule_the_policy_refuses_is_loaded_as_refused(
