@@ -3,9 +3,11 @@
 Per capture socket (one per input interface, passed by the supervisor) it maps a TPACKET_V3 ring
 and relays each retired block in one pass (``relay_loop``). The socket's kernel filter and ring
 are the supervisor's: the worker never sets an option on a capture socket (it only maps the ring
-and reads its statistics). Rules become per-interface route
-tables keyed by destination address and port; output sockets are opened when a rule is installed,
-never per packet. Counters live on the route objects and are pushed to the supervisor once a second.
+and reads its statistics), and its process forbids itself to at start (`mcrelay.system.seccomp`),
+so code that takes the worker over cannot detach the filter either. Rules become per-interface
+route tables keyed by destination address and port; output sockets are opened when a rule is
+installed, never per packet. Counters live on the route objects and are pushed to the supervisor
+once a second.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from mcrelay.ipc.framing import FrameChannel
 from mcrelay.system.logs import setup_logging
 from mcrelay.system.privileges import lock_down_worker
 from mcrelay.system.process import arm_parent_death, set_process_name
+from mcrelay.system.seccomp import SeccompUnavailable, forbid_capture_changes
 
 log = logging.getLogger("mcrelay.worker")
 
@@ -63,6 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     name = _name(args.kind, args.worker_id)
     set_process_name(name)
     setup_logging("info", name)
+    if args.kind == "data":
+        try:  # capture sockets' filters and ring are the supervisor's
+            forbid_capture_changes()
+        except SeccompUnavailable as exc:
+            log.warning("capture socket options stay changeable by this worker: %s", exc)
     faults = frozenset(filter(None, args.faults.split(",")))
     if "crash-on-start" in faults:
         log.error("fault injected: crash-on-start")

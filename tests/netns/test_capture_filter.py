@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,3 +141,53 @@ def test_the_data_worker_never_sets_an_option_on_its_capture_socket(
     assert on_capture == []
     assert not [c for c in calls if re.search(r"SOL_PACKET|SO_ATTACH|SO_DETACH|SO_LOCK", c)]
     assert relay.workers()["data-0"]["restarts"] == 0
+
+
+def seccomp_mode(pid: int) -> tuple[int, int]:
+    """(Seccomp, Seccomp_filters) from /proc/PID/status."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["Seccomp"]), int(fields.get("Seccomp_filters", "0"))
+
+
+def test_data_workers_forbid_themselves_capture_socket_changes(relay: Daemon) -> None:
+    workers = relay.wait_running()
+    mode, filters = seccomp_mode(workers["data-0"]["pid"])
+    assert mode == 2 and filters >= 1  # SECCOMP_MODE_FILTER
+    assert "capture socket options stay changeable" not in relay.log.read_text()
+
+
+FORBIDDEN = r"""
+import os, socket, prctl
+from mcrelay.dataplane import bpf
+from mcrelay.system import seccomp
+capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+bpf.attach(capture, bpf.drop_all())
+prctl.set_no_new_privs(True)
+seccomp.forbid_capture_changes()
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 5)  # what a worker needs still works
+udp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+attempts = {
+    "detach": lambda: capture.setsockopt(socket.SOL_SOCKET, seccomp.SO_DETACH_FILTER, 0),
+    "attach": lambda: bpf.attach(capture, bpf.drop_all()),
+    "lock": lambda: capture.setsockopt(socket.SOL_SOCKET, seccomp.SO_LOCK_FILTER, 1),
+    "packet option": lambda: capture.setsockopt(seccomp.SOL_PACKET, 23, 1),
+}
+for name, attempt in attempts.items():
+    try:
+        attempt()
+        print(name, "allowed")
+    except PermissionError:
+        print(name, "refused")
+"""
+
+
+def test_the_seccomp_filter_refuses_filter_and_packet_options(tmp_path: Path) -> None:
+    with topology.namespaces("seccomp") as created:
+        ns = created["seccomp"]
+        out = ns.run(sys.executable, "-c", FORBIDDEN)
+    assert out.splitlines() == [
+        "detach refused", "attach refused", "lock refused", "packet option refused",
+    ]  # fmt: skip
