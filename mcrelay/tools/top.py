@@ -46,7 +46,7 @@ WORKER_STYLES = {
     "exited": "dim",
     "fatal": "bold red",
 }
-RULE_STYLES = {"active": "green", "paused": "yellow", "unresolved": "red"}
+RULE_STYLES = {"active": "green", "paused": "yellow", "unresolved": "red", "refused": "magenta"}
 
 
 @dataclasses.dataclass(frozen=True)
