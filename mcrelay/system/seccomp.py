@@ -27,11 +27,18 @@ import socket
 import struct
 import sys
 
-__all__ = ["DENIED_SOCKET_OPTIONS", "SeccompUnavailable", "forbid_capture_changes", "program"]
+from mcrelay.dataplane.bpf import SO_ATTACH_FILTER
+from mcrelay.dataplane.capture import SO_DETACH_FILTER, SOL_PACKET
 
-SOL_PACKET = 263
-SO_ATTACH_FILTER = 26
-SO_DETACH_FILTER = 27
+__all__ = [
+    "DENIED_SOCKET_OPTIONS",
+    "SOL_PACKET",
+    "SO_DETACH_FILTER",
+    "SeccompUnavailable",
+    "forbid_capture_changes",
+    "program",
+]
+
 SO_LOCK_FILTER = 44
 SO_ATTACH_BPF = 50
 DENIED_SOCKET_OPTIONS = (SO_ATTACH_FILTER, SO_DETACH_FILTER, SO_LOCK_FILTER, SO_ATTACH_BPF)
