@@ -22,7 +22,7 @@ from mcrelay.ipc import messages as m
 from mcrelay.supervisor.persistence import DEFAULT_STATE_DIR
 from mcrelay.supervisor.settings import DEFAULT_CONTROL_SOCKET
 from mcrelay.system.logs import LOG_LEVELS
-from mcrelay.system.privileges import DEFAULT_WORKER_USER
+from mcrelay.system.privileges import DEFAULT_CONTROL_USER, DEFAULT_DATA_USER
 from mcrelay.tools.commands import gen_command, sink_command
 from mcrelay.tools.top import top_command
 
@@ -164,8 +164,26 @@ def supervisor(
         typer.Option(help="Allow lo and 127.0.0.0/8 as inputs and outputs [default: refused]."),
     ] = False,
     user: Annotated[
-        str, typer.Option(help="Unprivileged user the workers run as (when started as root).")
-    ] = DEFAULT_WORKER_USER,
+        str,
+        typer.Option(
+            help="User the data workers run as (when started as root; a missing default user "
+            "is replaced by an unused uid)."
+        ),
+    ] = DEFAULT_DATA_USER,
+    control_user: Annotated[
+        str,
+        typer.Option(
+            help="User the control worker runs as (when started as root; a missing default "
+            "user is replaced by an unused uid)."
+        ),
+    ] = DEFAULT_CONTROL_USER,
+    unsafe_keep_worker_root: Annotated[
+        bool,
+        typer.Option(
+            help="UNSAFE: start even if workers cannot switch away from root's uid (they still "
+            "lose every capability, but a worker bug then owns root's files)."
+        ),
+    ] = False,
     pin_workers: Annotated[
         bool,
         typer.Option(help="Pin data worker i to CPU i (distinct CPUs while enough)."),
@@ -206,7 +224,8 @@ def supervisor(
     from mcrelay.policy import AccessPolicy
     from mcrelay.supervisor.backoff import BackoffPolicy
     from mcrelay.supervisor.dataplane import KernelDataPlane
-    from mcrelay.supervisor.main import serve
+    from mcrelay.supervisor.launcher import SpawnerLauncher, WorkerUsers
+    from mcrelay.supervisor.main import run_daemon
     from mcrelay.supervisor.persistence import RuleStore
     from mcrelay.supervisor.settings import SupervisorSettings
     from mcrelay.system.logs import setup_logging
@@ -237,6 +256,8 @@ def supervisor(
         exit_on_fatal=exit_on_fatal,
         pin_workers=pin_workers,
         worker_user=user,
+        control_user=control_user,
+        unsafe_keep_worker_root=unsafe_keep_worker_root,
         socket_gid=socket_gid,
         read_gid=read_gid,
         policy=policy,
@@ -244,11 +265,17 @@ def supervisor(
         heartbeat_interval=min(1.0, heartbeat_timeout / 3),
         log_level=log_level,
     )
+    launcher: SpawnerLauncher | None = None
     try:
+        # Before the trio loop: the spawner is the only process that forks workers.
+        users = WorkerUsers.resolve(user, control_user, keep_root=unsafe_keep_worker_root)
+        launcher = SpawnerLauncher(users)
+        launcher.start()
         code = trio.run(
             partial(
-                serve,
+                run_daemon,
                 settings,
+                launcher,
                 initial_rules=initial,
                 dataplane=KernelDataPlane(),
                 config_file=config_file,
@@ -260,6 +287,9 @@ def supervisor(
         raise fail(str(exc), 2) from None
     except OSError as exc:
         raise fail(f"cannot start: {exc}", 2) from None
+    finally:
+        if launcher is not None:
+            launcher.close()
     raise typer.Exit(code)
 
 

@@ -136,8 +136,15 @@ def cmdline(pid: int) -> bytes:
 
 
 def is_worker_cmdline(cmd: bytes) -> bool:
-    """A worker names itself ``mcrelay: ID``; before that it is ``python -m mcrelay.worker``."""
-    return cmd.startswith(b"mcrelay:") or b"\0mcrelay.worker\0" in cmd
+    """Workers name themselves ``mcrelay: ID`` (the spawner that forks them ``mcrelay: spawner``,
+    before that ``python -m mcrelay.worker.spawner``)."""
+    return cmd.startswith(b"mcrelay:") or b"\0mcrelay.worker.spawner\0" in cmd
+
+
+def is_spawner_of(cmd: bytes, ppid: int, supervisor: int | None) -> bool:
+    """The supervisor's own spawner is no orphan while the supervisor lives."""
+    spawner = cmd.startswith(b"mcrelay: spawner") or b"\0mcrelay.worker.spawner\0" in cmd
+    return spawner and ppid == supervisor
 
 
 def send_signal(ident: Ident, sig: int) -> bool:
@@ -887,7 +894,7 @@ def scan_processes(soak: Soak) -> dict[str, Any]:
             if st is None:
                 continue
             ident = (pid, st[2])
-            if is_worker_cmdline(cmd) and st[0] != "Z":
+            if is_worker_cmdline(cmd) and st[0] != "Z" and not is_spawner_of(cmd, st[1], relay.pid):
                 try:
                     ours = ident in relay.seen or os.readlink(f"/proc/{pid}/ns/net") == netns
                 except (FileNotFoundError, ProcessLookupError):

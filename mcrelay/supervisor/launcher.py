@@ -1,28 +1,60 @@
-"""Starting worker processes, and the interface the in-process test harness fakes.
+"""Starting worker processes through the pre-loaded spawner, and the interface the harness fakes.
 
-Workers are fresh interpreters (``python -m mcrelay.worker``), never forks of the running trio
-process. They are spawned from the supervisor's main thread: PR_SET_PDEATHSIG fires when the
-*thread* that forked the child exits, and trio's own process spawning forks from worker threads
-that are retired when idle. Each worker gets its own session, so a Ctrl-C on the terminal reaches
-only the supervisor, which alone decides when workers stop.
+The supervisor never forks itself (it runs trio): it starts the spawner (mcrelay.worker.spawner)
+from its main thread before its trio loop, and asks it for each worker over a SOCK_SEQPACKET
+socket. The spawner's child drops its privileges itself before it receives its channel; the
+supervisor gets the child's pid and a pidfd (death is noticed at once, signals cannot hit a
+recycled pid) and, later, its exit status. If the spawner dies, its workers die with it
+(PDEATHSIG); a new spawner is started and the slots replace their workers as after any crash.
+
+A launch that fails for any reason (no spawner, EMFILE, ENOMEM, EAGAIN, a failed fork or
+pidfd_open) raises :class:`LaunchError` or OSError: the slot counts it as a failed start and
+retries after its backoff. Nothing is left behind: a child nobody can watch is killed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
+import trio_util
 
+from mcrelay.errors import ChannelClosed, McrelayError, ProtocolError
+from mcrelay.ipc import spawn as sp
 from mcrelay.ipc.framing import FrameChannel
 from mcrelay.ipc.messages import WorkerKind, WorkerToSupervisor
+from mcrelay.system.privileges import (
+    DEFAULT_CONTROL_USER,
+    DEFAULT_DATA_USER,
+    Identity,
+    PrivilegeError,
+    check_supervisor,
+    resolve_user,
+)
 from mcrelay.worker.faults import faults_for
+
+log = logging.getLogger("mcrelay.supervisor")
+
+#: How long a new spawner may take to start its interpreter and import the worker code.
+SPAWNER_START_TIMEOUT = 30.0
+#: How long a launch waits for a spawner that is (re)starting, and for one fork.
+SPAWNER_WAIT = 5.0
+SPAWN_TIMEOUT = 5.0
+#: How long the exit status of a dead worker may take to arrive from the spawner.
+EXIT_REPORT_TIMEOUT = 2.0
+#: Delay before starting a new spawner after one died, doubling up to the maximum.
+SPAWNER_RESTART_DELAY = (0.1, 5.0)
+UNSAFE_OPTION = "--unsafe-keep-worker-root"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,14 +65,19 @@ class WorkerSpec:
     cpus: frozenset[int] | None = None
 
 
+class LaunchError(McrelayError):
+    """A worker could not be started (the slot retries after its backoff)."""
+
+
 class Launched(Protocol):
     """A started worker as the supervisor sees it."""
 
     pid: int
     channel: FrameChannel
 
-    async def wait(self) -> int:
-        """Wait until the worker has exited and been reaped; its exit status (-signal if killed)."""
+    async def wait(self) -> int | None:
+        """Wait until the worker has exited; its exit status (-signal if killed), None if no
+        one could tell (the spawner that reaped it died first)."""
         ...
 
     def kill(self) -> None: ...
@@ -49,7 +86,7 @@ class Launched(Protocol):
 
 
 class Launcher(Protocol):
-    def launch(self, spec: WorkerSpec) -> Launched: ...
+    async def launch(self, spec: WorkerSpec) -> Launched: ...
 
 
 def worker_environment() -> dict[str, str]:
@@ -60,64 +97,115 @@ def worker_environment() -> dict[str, str]:
     return env
 
 
-class ProcessWorker:
-    """A real worker process, watched through a pidfd so death is noticed at once."""
+@dataclasses.dataclass(frozen=True)
+class WorkerUsers:
+    """Who each kind of worker runs as; None keeps the supervisor's (unprivileged) user."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], channel: FrameChannel) -> None:
-        self._proc = proc
-        self.pid = proc.pid
+    control: Identity | None
+    data: Identity | None
+    #: Run workers as root if switching users fails (they still lose every capability).
+    keep_root: bool = False
+
+    @classmethod
+    def resolve(cls, data_user: str, control_user: str, *, keep_root: bool) -> WorkerUsers:
+        if os.geteuid() != 0:
+            return cls(None, None, keep_root)
+        data = resolve_user(data_user, default=data_user == DEFAULT_DATA_USER)
+        control = resolve_user(control_user, default=control_user == DEFAULT_CONTROL_USER)
+        if data.uid == control.uid:
+            log.warning(
+                "the control and data workers share uid %d: they cannot ptrace each other "
+                "(not dumpable) but can signal each other",
+                data.uid,
+            )
+        return cls(control, data, keep_root)
+
+
+_Reply = tuple[sp.Spawned | sp.SpawnFailed, list[int]]
+
+
+class _Exit:
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.status: int | None = None
+
+
+class SpawnedWorker:
+    """A worker forked by the spawner, watched through the pidfd the spawner passed us."""
+
+    def __init__(
+        self, pid: int, pidfd: int, channel: FrameChannel, exit: _Exit, forget: Callable[[], object]
+    ) -> None:
+        self.pid = pid
         self.channel = channel
-        self._pidfd = os.pidfd_open(proc.pid)
-        self._status: int | None = None
+        self._pidfd = pidfd
+        self._exit = exit
+        self._forget = forget
+        self._done = False
 
-    async def wait(self) -> int:
-        if self._status is None:
+    async def wait(self) -> int | None:
+        if not self._done:
             await trio.lowlevel.wait_readable(self._pidfd)
-            self._status = self._proc.wait()
-        return self._status
+            with trio.move_on_after(EXIT_REPORT_TIMEOUT):
+                await self._exit.event.wait()
+            self._done = True
+        return self._exit.status
 
     def kill(self) -> None:
-        if self._status is None:
+        if not self._done and self._pidfd >= 0:
             # pidfd_send_signal cannot hit a recycled pid.
-            with contextlib.suppress(ProcessLookupError, OSError):
+            with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     def close(self) -> None:
         self.channel.close()
+        self._forget()
         if self._pidfd >= 0:
             trio.lowlevel.notify_closing(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
 
 
-class ProcessLauncher:
-    """Spawns ``python -m mcrelay.worker KIND ID`` with one end of a fresh socketpair."""
+class _Spawner:
+    """One spawner process and our end of its socket."""
 
-    def __init__(self, identity: tuple[int, int] | None = None) -> None:
-        #: (uid, gid) workers run as; None keeps the supervisor's.
-        self._identity = identity
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.proc = proc
+        self.sock = sock
+        self.pid = proc.pid
+        self.ready: sp.Ready | None = None
+        self.lock = trio.Lock()
+        self._trio_sock: trio.socket.SocketType | None = None
 
-    def launch(self, spec: WorkerSpec) -> ProcessWorker:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    @property
+    def tsock(self) -> trio.socket.SocketType:
+        if self._trio_sock is None:
+            self.sock.setblocking(False)
+            self._trio_sock = trio.socket.from_stdlib_socket(self.sock)
+        return self._trio_sock
+
+    @classmethod
+    def start(cls, users: WorkerUsers) -> _Spawner:
+        """Fork+exec from the calling (main) thread: PDEATHSIG is tied to the forking thread."""
+        from mcrelay.worker.spawner import identity_arg
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             argv = [
                 sys.executable,
                 "-m",
-                "mcrelay.worker",
-                spec.kind,
-                spec.worker_id,
+                "mcrelay.worker.spawner",
                 "--fd",
                 str(theirs.fileno()),
                 "--supervisor-pid",
                 str(os.getpid()),
+                "--control-user",
+                identity_arg(users.control),
+                "--data-user",
+                identity_arg(users.data),
             ]
-            # The supervisor reads the fault file: a worker may not be allowed to.
-            if spec.cpus:  # the worker pins itself: it may, another user's process may not
-                argv += ["--cpus", ",".join(map(str, sorted(spec.cpus)))]
-            faults = faults_for(spec.kind)
-            if faults:
-                argv += ["--faults", ",".join(sorted(faults))]
-            uid, gid = self._identity or (None, None)
+            if users.keep_root:
+                argv.append("--keep-root")
             proc = subprocess.Popen(
                 argv,
                 pass_fds=(theirs.fileno(),),
@@ -125,15 +213,272 @@ class ProcessLauncher:
                 start_new_session=True,
                 env=worker_environment(),
                 cwd="/",
-                user=uid,
-                group=gid,
-                extra_groups=[] if uid is not None else None,
             )
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
+        return cls(proc, ours)
+
+    def wait_ready_blocking(self) -> sp.Ready:
+        """Before the trio loop: the spawner's first message."""
+        self.sock.settimeout(SPAWNER_START_TIMEOUT)
+        try:
+            data, ancdata, flags, _ = self.sock.recvmsg(sp.MAX_MESSAGE, sp.ancillary_space(1))
+        except TimeoutError:
+            raise LaunchError("the worker spawner did not start in time") from None
+        return self._take_ready(data, ancdata, flags)
+
+    async def wait_ready(self) -> sp.Ready:
+        with trio.fail_after(SPAWNER_START_TIMEOUT):
+            data, ancdata, flags, _ = await self.tsock.recvmsg(
+                sp.MAX_MESSAGE, sp.ancillary_space(1)
+            )
+        return self._take_ready(data, ancdata, flags)
+
+    def _take_ready(
+        self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int
+    ) -> sp.Ready:
+        try:
+            payload, fds = sp.unpack(data, ancdata, flags)
+        except ChannelClosed:
+            raise LaunchError("the worker spawner exited at start") from None
+        for fd in fds:
+            os.close(fd)
+        ready = sp.decode_reply(payload)
+        if not isinstance(ready, sp.Ready):
+            raise ProtocolError(f"the spawner said {type(ready).__name__} before Ready")
+        self.ready = ready
+        return ready
+
+    def close_socket(self) -> None:
+        """Close our end: the spawner exits on EOF."""
+        if self._trio_sock is not None:
+            self._trio_sock.close()
+        self.sock.close()
+
+    def reap(self) -> None:
+        """Blocking: make sure the spawner is gone, and reap it."""
+        try:
+            self.proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        self.close_socket()
+        self.reap()
+
+
+class SpawnerLauncher:
+    """Launches workers through the spawner, and keeps a spawner running."""
+
+    def __init__(self, users: WorkerUsers) -> None:
+        self.users = users
+        self._current: trio_util.AsyncValue[_Spawner | None] = trio_util.AsyncValue(None)
+        self._first: _Spawner | None = None
+        self._ids = itertools.count(1)
+        self._replies: dict[int, trio.MemorySendChannel[_Reply]] = {}
+        self._exits: dict[int, _Exit] = {}
+
+    # --- the spawner's life -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the first spawner, before the trio loop; refuse if workers cannot drop root."""
+        check_supervisor(switch_user=self.users.data is not None)
+        spawner = _Spawner.start(self.users)
+        try:
+            ready = spawner.wait_ready_blocking()
+            self._check(ready)
+        except BaseException:
+            spawner.close()
+            raise
+        self._first = spawner
+
+    def close(self) -> None:
+        """After the trio loop: a first spawner that never got served is stopped too."""
+        spawner, self._first = self._first, None
+        if spawner is not None:
+            spawner.close()
+
+    def _check(self, ready: sp.Ready) -> None:
+        if ready.drop_error is None:
+            return
+        if not self.users.keep_root:
+            raise PrivilegeError(
+                f"workers cannot drop their privileges ({ready.drop_error}); pass "
+                f"{UNSAFE_OPTION} to run them with root's uid anyway (unsafe)"
+            )
+        log.warning(
+            "UNSAFE: workers run with root's uid (%s, %s given)", ready.drop_error, UNSAFE_OPTION
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the current spawner; start a new one whenever it dies. Runs until cancelled."""
+        spawner, self._first = self._first, None
+        delay = SPAWNER_RESTART_DELAY[0]
+        task_status.started()
+        while True:
+            if spawner is None:
+                spawner = await self._restart(delay)
+                if spawner is None:
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, SPAWNER_RESTART_DELAY[1])
+                    continue
+            self._current.value = spawner
+            started = trio.current_time()
+            try:
+                reason = await self._serve(spawner)
+            finally:
+                self._current.value = None
+                self._forget_all()
+                spawner.close_socket()
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(spawner.reap)
+            log.error(
+                "the worker spawner (pid %d) went away (%s): its workers die with it; "
+                "starting a new one",
+                spawner.pid,
+                reason,
+            )
+            spawner = None
+            if trio.current_time() - started > 10:
+                delay = SPAWNER_RESTART_DELAY[0]
+            await trio.sleep(delay)
+            delay = min(delay * 2, SPAWNER_RESTART_DELAY[1])
+
+    async def _restart(self, delay: float) -> _Spawner | None:
+        try:
+            spawner = _Spawner.start(self.users)
+        except OSError as exc:
+            log.error("cannot start the worker spawner: %s; retrying in %.1f s", exc, delay)
+            return None
+        try:
+            self._check(await spawner.wait_ready())
+        except (OSError, McrelayError, trio.TooSlowError) as exc:
+            log.error("the worker spawner failed to start: %s; retrying in %.1f s", exc, delay)
+            spawner.close_socket()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(spawner.reap)
+            return None
+        except BaseException:
+            spawner.close()
+            raise
+        log.info("worker spawner restarted (pid %d)", spawner.pid)
+        return spawner
+
+    async def _serve(self, spawner: _Spawner) -> str:
+        """Dispatch the spawner's messages until it goes away; why it did."""
+        while True:
+            try:
+                data, ancdata, flags, _ = await spawner.tsock.recvmsg(
+                    sp.MAX_MESSAGE, sp.ancillary_space(1)
+                )
+                payload, fds = sp.unpack(data, ancdata, flags)
+                message = sp.decode_reply(payload)
+            except ChannelClosed:
+                return "its socket closed"
+            except (OSError, ProtocolError) as exc:
+                return str(exc)
+            match message:
+                case sp.Exited(pid=pid, status=status):
+                    record = self._exits.get(pid)
+                    if record is not None:
+                        record.status = status
+                        record.event.set()
+                case sp.Spawned() | sp.SpawnFailed():
+                    self._deliver(message, fds)
+                case _:
+                    for fd in fds:
+                        os.close(fd)
+
+    def _deliver(self, message: sp.Spawned | sp.SpawnFailed, fds: list[int]) -> None:
+        reply = self._replies.pop(message.id, None)
+        if isinstance(message, sp.Spawned):
+            self._exits.setdefault(message.pid, _Exit())
+        if reply is not None:
+            try:
+                reply.send_nowait((message, fds))
+                return
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        # Its requester gave up: never leave the child behind.
+        if isinstance(message, sp.Spawned):
+            self._exits.pop(message.pid, None)
+        _discard(message, fds)
+
+    def _forget_all(self) -> None:
+        """The spawner is gone: no reply or exit status will come from it."""
+        for reply in self._replies.values():
+            reply.close()
+        self._replies.clear()
+        for record in self._exits.values():
+            record.event.set()
+        self._exits.clear()
+
+    # --- launching ------------------------------------------------------------------------
+
+    async def launch(self, spec: WorkerSpec) -> SpawnedWorker:
+        with trio.move_on_after(SPAWNER_WAIT):
+            spawner = await self._current.wait_value(lambda s: s is not None)
+        if self._current.value is None:
+            raise LaunchError("no worker spawner is running (it is being restarted)")
+        assert spawner is not None
+        request = sp.Spawn(
+            id=next(self._ids),
+            kind=spec.kind,
+            worker_id=spec.worker_id,
+            cpus=tuple(sorted(spec.cpus or ())),
+            faults=tuple(sorted(faults_for(spec.kind))),  # the worker may not read the file
+        )
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            message, fds = await self._ask(spawner, request, theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        if isinstance(message, sp.SpawnFailed):
+            ours.close()
+            raise LaunchError(f"the spawner could not start it: {message.error}")
+        if len(fds) != 1:
+            ours.close()
+            _discard(message, fds)
+            raise LaunchError("the spawner sent no pidfd")
+        pid = message.pid
+        exit = self._exits.setdefault(pid, _Exit())
         ours.setblocking(False)
         channel = FrameChannel(trio.socket.from_stdlib_socket(ours), WorkerToSupervisor)
-        return ProcessWorker(proc, channel)
+        return SpawnedWorker(pid, fds[0], channel, exit, lambda: self._exits.pop(pid, None))
+
+    async def _ask(self, spawner: _Spawner, request: sp.Spawn, fd: int) -> _Reply:
+        send, receive = trio.open_memory_channel[_Reply](1)
+        async with spawner.lock:
+            request_id = request.id
+            self._replies[request_id] = send
+            try:
+                with trio.fail_after(SPAWN_TIMEOUT):
+                    await spawner.tsock.sendmsg([sp.encode(request)], sp.rights([fd]))
+                    message, fds = await receive.receive()
+            except trio.TooSlowError:
+                raise LaunchError(
+                    f"the spawner did not answer within {SPAWN_TIMEOUT:g} s"
+                ) from None
+            except trio.EndOfChannel:
+                raise LaunchError("the spawner died while starting it") from None
+            except OSError as exc:
+                raise LaunchError(f"cannot reach the spawner: {exc}") from None
+            finally:
+                self._replies.pop(request_id, None)
+                send.close()
+        return message, fds
+
+
+def _discard(message: sp.FromSpawner, fds: list[int]) -> None:
+    for fd in fds:
+        if isinstance(message, sp.Spawned):
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        os.close(fd)

@@ -13,6 +13,7 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -20,14 +21,13 @@ from mcrelay import config
 from mcrelay.errors import ConfigError, McrelayError, SupervisorRunning
 from mcrelay.rules import Rule
 from mcrelay.supervisor.core import DataPlane, Supervisor
-from mcrelay.supervisor.launcher import ProcessLauncher
+from mcrelay.supervisor.launcher import Launcher, SpawnerLauncher
 from mcrelay.supervisor.persistence import RuleStore
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerFatal
 from mcrelay.system.metrics import open_metrics_listeners, serve_metrics, supervisor_snapshot
 from mcrelay.system.notify import SystemdNotifier
-from mcrelay.system.privileges import check_supervisor, worker_identity
 
 log = logging.getLogger("mcrelay.supervisor")
 
@@ -112,8 +112,19 @@ def control_socket(
         lock.close()
 
 
+async def run_daemon(settings: SupervisorSettings, launcher: SpawnerLauncher, **kwargs: Any) -> int:
+    """:func:`serve` with the worker spawner kept running around it (it must outlive the
+    workers: they die with it, and stopping them softly needs its exit reports)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(launcher.run)
+        code = await serve(settings, launcher, **kwargs)
+        nursery.cancel_scope.cancel()
+    return code
+
+
 async def serve(
     settings: SupervisorSettings,
+    launcher: Launcher,
     *,
     initial_rules: tuple[Rule, ...] = (),
     dataplane: DataPlane | None = None,
@@ -126,8 +137,6 @@ async def serve(
     The saved table (``store``) wins over ``initial_rules`` (the --config file): it holds every
     change made at runtime, so a restarted supervisor comes back with exactly what it had.
     """
-    identity = worker_identity(settings.worker_user)
-    check_supervisor(switch_user=identity is not None)
     # Takes NOTIFY_SOCKET/WATCHDOG_* out of os.environ before any worker exists.
     with (
         held_signals() as signals,
@@ -140,7 +149,7 @@ async def serve(
     ):
         sup = Supervisor(
             settings,
-            ProcessLauncher(identity),
+            launcher,
             table=RuleTable(),
             listen_fd=listener.fileno(),
             dataplane=dataplane,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mcrelay.policy import AccessPolicy
 from mcrelay.supervisor.backoff import BackoffPolicy
-from mcrelay.system.privileges import DEFAULT_WORKER_USER
+from mcrelay.system.privileges import DEFAULT_CONTROL_USER, DEFAULT_DATA_USER
 
 DEFAULT_CONTROL_SOCKET = Path("/run/mcrelay/control.sock")
 
@@ -36,7 +36,10 @@ class SupervisorSettings:
     read_gid: int | None = None
     #: What rules may name (set by root with supervisor options; never through the socket).
     policy: AccessPolicy = dataclasses.field(default_factory=AccessPolicy)
-    #: The unprivileged user workers run as (when the supervisor runs as root).
-    worker_user: str = DEFAULT_WORKER_USER
+    #: The unprivileged users workers run as (when the supervisor runs as root).
+    worker_user: str = DEFAULT_DATA_USER
+    control_user: str = DEFAULT_CONTROL_USER
+    #: Run workers with root's uid when they cannot switch users (they still lose every capability).
+    unsafe_keep_worker_root: bool = False
     #: Pin data worker i to CPU i (modulo the CPUs this process may use).
     pin_workers: bool = False

@@ -11,6 +11,7 @@ like any failed worker). So no caller, and no lock a caller holds, waits on a wo
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import signal
 from collections.abc import Callable
@@ -301,7 +302,12 @@ class WorkerSlot:
         self.channel_ready = False
         self._hb_acked = trio_util.AsyncValue(0)
         self.rule_digest = None
-        launched = self._launcher.launch(self.spec)
+        try:
+            launched = await self._launcher.launch(self.spec)
+        except (OSError, McrelayError) as exc:
+            # EMFILE, ENOMEM, EAGAIN, no spawner...: a failed start, retried after the backoff.
+            log.error("worker %s could not be started: %s", self.id, _describe_error(exc))
+            return "failure"
         self._launched = launched
         self.incarnation += 1
         exited = self._exited = trio.Event()
@@ -432,9 +438,15 @@ def _check_hello(hello: object, kind: str) -> None:
         raise ProtocolError(f"worker says it is {hello.role!r}, expected {kind!r}")
 
 
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} ({errno.errorcode.get(exc.errno or 0, exc.errno)})"
+    return str(exc)
+
+
 def _describe_status(status: int | None) -> str:
     if status is None:
-        return "unknown status"
+        return "exit status unknown (its spawner died first)"
     if status < 0:
         try:
             return f"killed by {signal.Signals(-status).name}"

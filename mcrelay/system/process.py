@@ -1,4 +1,4 @@
-"""Process identity and lifetime: names operators can see, and never outliving the supervisor."""
+"""Process identity and lifetime: names operators can see, and never outliving the parent."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ import signal
 import prctl
 
 
-def arm_parent_death(supervisor_pid: int) -> None:
-    """Die with the supervisor. PDEATHSIG covers a supervisor that dies after this call; the
-    ``getppid`` check covers one that died before it (we would have been re-parented already)."""
+def arm_parent_death(parent_pid: int) -> None:
+    """Die with the parent (the supervisor for the spawner, the spawner for a worker).
+
+    PDEATHSIG covers a parent that dies after this call; the ``getppid`` check covers one that
+    died before it (we would have been re-parented already). The parent must fork from a thread
+    that lives as long as it does: PDEATHSIG fires when the forking *thread* exits.
+    """
     prctl.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != supervisor_pid:
+    if os.getppid() != parent_pid:
         os._exit(1)
 
 

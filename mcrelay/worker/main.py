@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import logging
 import os
 import socket
-import sys
 import time
 from typing import Any, Protocol
 
@@ -17,8 +14,6 @@ from mcrelay.errors import ChannelClosed, ProtocolError
 from mcrelay.ipc import messages as m
 from mcrelay.ipc.framing import FrameChannel
 from mcrelay.system.logs import setup_logging
-from mcrelay.system.privileges import lock_down_worker
-from mcrelay.system.process import arm_parent_death, set_process_name
 from mcrelay.system.seccomp import SeccompUnavailable, forbid_capture_changes
 
 log = logging.getLogger("mcrelay.worker")
@@ -46,38 +41,23 @@ class WorkerImpl(Protocol):
         ...
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mcrelay.worker")
-    parser.add_argument("kind", choices=("control", "data"))
-    parser.add_argument("worker_id")
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--supervisor-pid", type=int, required=True)
-    parser.add_argument("--faults", default="", help="injected faults (tests only)")
-    parser.add_argument("--cpus", default="", help="CPUs to run on (--pin-workers)")
-    args = parser.parse_args(argv)
-    arm_parent_death(args.supervisor_pid)
-    if args.cpus:
-        # Placement is an optimisation: a worker that cannot pin itself runs unpinned.
-        with contextlib.suppress(OSError, ValueError):
-            os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
-    lock_down_worker()
-    name = _name(args.kind, args.worker_id)
-    set_process_name(name)
+def run(kind: m.WorkerKind, worker_id: str, fd: int, faults: frozenset[str]) -> int:
+    """The worker's life after the spawner forked it and it dropped its privileges; its exit
+    status. ``fd`` is its end of the channel to the supervisor."""
+    name = process_name(kind, worker_id)
     setup_logging("info", name)
-    if args.kind == "data":
+    if kind == "data":
         try:  # capture sockets' filters and ring are the supervisor's
             forbid_capture_changes()
         except SeccompUnavailable as exc:
             log.warning("capture socket options stay changeable by this worker: %s", exc)
-    faults = frozenset(filter(None, args.faults.split(",")))
     if "crash-on-start" in faults:
         log.error("fault injected: crash-on-start")
-        os._exit(3)
+        return 3
     try:
-        code = trio.run(_run, args.kind, args.worker_id, args.fd, "hang" in faults)
+        return trio.run(_run, kind, worker_id, fd, "hang" in faults)
     except KeyboardInterrupt:
-        code = 0
-    sys.exit(code)
+        return 0
 
 
 async def _run(kind: m.WorkerKind, worker_id: str, fd: int, hang: bool) -> int:
@@ -91,7 +71,7 @@ async def _run(kind: m.WorkerKind, worker_id: str, fd: int, hang: bool) -> int:
             got = hello.version if isinstance(hello, m.Hello) else type(hello).__name__
             log.error("supervisor speaks protocol %s, this worker %d", got, m.PROTOCOL_VERSION)
             return 2
-        setup_logging(hello.log_level, _name(kind, worker_id))
+        setup_logging(hello.log_level, process_name(kind, worker_id))
         await channel.send(
             m.Hello(version=m.PROTOCOL_VERSION, role=kind, worker_id=worker_id, pid=os.getpid())
         )
@@ -116,7 +96,7 @@ async def _run(kind: m.WorkerKind, worker_id: str, fd: int, hang: bool) -> int:
     return code
 
 
-def _name(kind: str, worker_id: str) -> str:
+def process_name(kind: str, worker_id: str) -> str:
     return "mcrelay: control" if kind == "control" else f"mcrelay: {worker_id}"
 
 

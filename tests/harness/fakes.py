@@ -135,7 +135,7 @@ class FakeLauncher:
     def of(self, worker_id: str) -> list[FakeWorker]:
         return [w for w in self.launched if w.spec.worker_id == worker_id]
 
-    def launch(self, spec: WorkerSpec) -> FakeWorker:
+    async def launch(self, spec: WorkerSpec) -> FakeWorker:
         ours, theirs = trio.socket.socketpair()
         queue = self.scripts.get(spec.worker_id) or []
         behaviour = queue.pop(0) if queue else self._default

@@ -58,6 +58,29 @@ def cli(
     )
 
 
+#: Runs the CLI as another user from an interpreter only root may be able to read (a clone or a
+#: Python under a 0700 directory): everything the command needs is imported first, as root.
+_AS_USER = """
+import os, sys
+import mcrelay.cli, mcrelay.client, mcrelay.ipc.messages, trio
+uid, gid = int(sys.argv[1]), int(sys.argv[2])
+os.setgroups([]); os.setresgid(gid, gid, gid); os.setresuid(uid, uid, uid)
+sys.argv = ["mcrelay", *sys.argv[3:]]
+mcrelay.cli.main()
+"""
+
+
+def cli_as(uid: int, gid: int, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """``mcrelay ARGS`` as uid/gid (no supplementary groups); needs root."""
+    return subprocess.run(
+        [sys.executable, "-c", _AS_USER, str(uid), str(gid), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+    )
+
+
 class Daemon:
     def __init__(self, socket: Path, proc: subprocess.Popen[str], log: Path) -> None:
         self.socket = socket
