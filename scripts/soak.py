@@ -141,10 +141,24 @@ def is_worker_cmdline(cmd: bytes) -> bool:
     return cmd.startswith(b"mcrelay:") or b"\0mcrelay.worker.spawner\0" in cmd
 
 
+def is_spawner(cmd: bytes) -> bool:
+    return cmd.startswith(b"mcrelay: spawner") or b"\0mcrelay.worker.spawner\0" in cmd
+
+
 def is_spawner_of(cmd: bytes, ppid: int, supervisor: int | None) -> bool:
     """The supervisor's own spawner is no orphan while the supervisor lives."""
-    spawner = cmd.startswith(b"mcrelay: spawner") or b"\0mcrelay.worker.spawner\0" in cmd
-    return spawner and ppid == supervisor
+    return is_spawner(cmd) and ppid == supervisor
+
+
+def spawners_of(supervisor: int) -> list[Ident]:
+    """The supervisor's spawner(s): they die with it and are re-parented to us like workers."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and is_spawner(cmdline(int(entry.name))):
+            st = proc_stat(int(entry.name))
+            if st is not None and st[1] == supervisor:
+                found.append((int(entry.name), st[2]))
+    return found
 
 
 def send_signal(ident: Ident, sig: int) -> bool:
@@ -617,7 +631,7 @@ class Soak:
             what = "hung worker" if ev.kind == "stop-worker" else "killed worker"
             self.gone(victim["ident"], ev, what)
         elif ev.kind == "kill-supervisor":
-            idents = [w["ident"] for w in ws.values()]
+            idents = [w["ident"] for w in ws.values()] + spawners_of(self.relay.pid)
             ev.victim = f"supervisor (pid {self.relay.pid})"
             self.relay.kill()
             died = poll(lambda: not any(alive(i) for i in idents), 5)

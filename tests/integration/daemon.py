@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,22 +60,35 @@ def cli(
     )
 
 
-#: Runs the CLI as another user from an interpreter only root may be able to read (a clone or a
-#: Python under a 0700 directory): everything the command needs is imported first, as root.
+#: Runs Python as another user from an interpreter only root may be able to read (a clone or a
+#: Python under a 0700 directory): everything the code needs is imported first, as root.
 _AS_USER = """
 import os, sys
-import mcrelay.cli, mcrelay.client, mcrelay.ipc.messages, trio
+import msgspec, mcrelay.cli, mcrelay.client, mcrelay.ipc.messages, trio
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
-os.setgroups([]); os.setresgid(gid, gid, gid); os.setresuid(uid, uid, uid)
-sys.argv = ["mcrelay", *sys.argv[3:]]
-mcrelay.cli.main()
+groups = [int(g) for g in sys.argv[3].split(",") if g]
+os.setgroups(groups); os.setresgid(gid, gid, gid); os.setresuid(uid, uid, uid)
+code, sys.argv = sys.argv[4], sys.argv[4:]
+if code == "-":
+    sys.argv[0] = "mcrelay"
+    mcrelay.cli.main()
+else:
+    exec(compile(code, "<as-user>", "exec"))
 """
 
 
-def cli_as(uid: int, gid: int, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """``mcrelay ARGS`` as uid/gid (no supplementary groups); needs root."""
+def as_user_argv(uid: int, gid: int, groups: Sequence[int], code: str, *args: str) -> list[str]:
+    """argv that runs ``code`` (``-``: the mcrelay CLI) with ``args`` as uid/gid/groups."""
+    return [sys.executable, "-c", _AS_USER, str(uid), str(gid), ",".join(map(str, groups)),
+            code, *args]  # fmt: skip
+
+
+def cli_as(
+    uid: int, gid: int, *args: str, groups: Sequence[int] = (), timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """``mcrelay ARGS`` as uid/gid with supplementary ``groups``; needs root."""
     return subprocess.run(
-        [sys.executable, "-c", _AS_USER, str(uid), str(gid), *args],
+        as_user_argv(uid, gid, groups, "-", *args),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -126,16 +141,18 @@ def daemon(
     env: dict[str, str] | None = None,
     prefix: tuple[str, ...] = (),
     ready: bool = True,
+    python: str = sys.executable,
 ) -> Iterator[Daemon]:
     """``prefix`` runs the supervisor through another command (``ip netns exec NS``);
-    ``ready=False`` yields at once instead of waiting until the daemon answers."""
+    ``ready=False`` yields at once instead of waiting until the daemon answers; ``python`` is the
+    interpreter the supervisor (and so its spawner) runs on."""
     socket = tmp / "control.sock"
     log = tmp / "supervisor.log"
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
             [
                 *prefix,
-                sys.executable,
+                python,
                 "-m",
                 "mcrelay",
                 "supervisor",
@@ -168,3 +185,29 @@ def daemon(
             if pid_alive(pid) and is_worker(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def private_python() -> Iterator[str]:
+    """An interpreter only root can read: a venv with a copied interpreter inside a 0700
+    directory (what ``mktemp -d`` or a Python under /root gives), seeing this venv's packages."""
+    import site
+    import sysconfig
+
+    with tempfile.TemporaryDirectory(prefix="mcrelay-private-") as tmp:
+        assert stat.S_IMODE(os.stat(tmp).st_mode) == 0o700
+        venv = Path(tmp) / "venv"
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run(
+            [base, "-m", "venv", "--copies", "--without-pip", str(venv)],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        python = venv / "bin" / "python3"
+        purelib = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True, capture_output=True, text=True, timeout=30,
+        ).stdout.strip()  # fmt: skip
+        ours = [sysconfig.get_paths()["purelib"], *site.getsitepackages()]
+        lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in dict.fromkeys(ours))
+        Path(purelib, "mcrelay-test.pth").write_text(lines)
+        yield str(python)

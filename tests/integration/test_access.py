@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mcrelay.system.privileges import _needed_paths, _reachable
-from tests.integration.daemon import cli_as, daemon, wait_for
+from tests.integration.daemon import as_user_argv, cli_as, daemon, wait_for
 
 OTHER = pwd.getpwnam("daemon")  # an unprivileged user that exists on every Debian system
 
@@ -67,11 +66,7 @@ READER_UID, STRANGER_UID = 61001, 61002  # uids with no passwd entry: only what 
 def as_uid(
     uid: int, groups: list[int], socket: Path, *args: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mcrelay", *args, "--socket", str(socket)],
-        capture_output=True, text=True, timeout=30, user=uid, group=uid, extra_groups=groups,
-        cwd="/",
-    )  # fmt: skip
+    return cli_as(uid, uid, *args, "--socket", str(socket), groups=groups)
 
 
 ADD = ["add", "--input-interface", "in0", "--input-group", "239.1.1.1", "--input-port", "5000",
@@ -157,9 +152,9 @@ def test_one_uid_cannot_take_every_connection_and_root_keeps_its_own(open_dir: P
             for i in range(MAX_CLIENTS // MAX_CLIENTS_PER_UID):
                 uid = 61100 + i
                 holder = subprocess.Popen(
-                    [sys.executable, "-c", HOLD, str(d.socket), str(MAX_CLIENTS_PER_UID + 4)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, user=uid,
-                    group=uid, extra_groups=[group], cwd="/",
+                    as_user_argv(uid, uid, [group], HOLD, str(d.socket),
+                                 str(MAX_CLIENTS_PER_UID + 4)),
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
                 )  # fmt: skip
                 holders.append(holder)
                 assert holder.stdout is not None

@@ -75,8 +75,10 @@ def run_gen(ns: topology.Netns, group: str, port: int, *args: str) -> None:
 
 
 @contextlib.contextmanager
-def relay_daemon(ns: topology.Netns, tmp: Path, *args: str) -> Iterator[Daemon]:
+def relay_daemon(
+    ns: topology.Netns, tmp: Path, *args: str, python: str = sys.executable
+) -> Iterator[Daemon]:
     """A supervisor in ``ns`` with all workers running; ended by PID however the test ends."""
-    with daemon(tmp, *args, prefix=tuple(ns.cmd())) as d:
+    with daemon(tmp, *args, prefix=tuple(ns.cmd()), python=python) as d:
         d.wait_running()
         yield d

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import Daemon, wait_for
+from tests.integration.daemon import Daemon, as_user_argv, private_python, wait_for
 from tests.netns import topology
 from tests.netns.relay import gen, relay_daemon, run_gen, sink
 
@@ -324,20 +325,79 @@ def _status(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
-def test_workers_relay_without_privileges(chain: topology.Chain, relay: Daemon) -> None:
-    add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}")
-    with sink(chain.sink, OUT_GROUP, OUT_PORT, chain.sink_if, "--count", "1000",
-              "--idle-timeout", "2") as s:  # fmt: skip
-        run_gen(chain.gen, GROUP, PORT, "--rate", "10000", "--count", "1000")
-        assert s.result()["received"] == 1000
-    for worker in relay.workers().values():
-        status = _status(worker["pid"])
-        assert status["Uid"].split()[0] != "0", worker["id"]
-        assert int(status["CapEff"], 16) == 0
-        assert int(status["CapPrm"], 16) == 0
-        assert status["NoNewPrivs"].strip() == "1"
-    supervisor = _status(relay.proc.pid)
-    assert supervisor["Uid"].split()[0] == "0"
+#: As another user: try to ptrace-attach to and to signal (signal 0: a permission check only)
+#: each pid given; prints one "pid attach-errno kill-errno" line per pid (0 = it worked).
+PROBE = r"""
+import ctypes, errno, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for pid in map(int, sys.argv[1:]):
+    attached = libc.ptrace(16, pid, None, None)  # PTRACE_ATTACH
+    attach_err = 0 if attached == 0 else ctypes.get_errno()
+    if attached == 0:
+        libc.ptrace(17, pid, None, None)  # PTRACE_DETACH
+    try:
+        os.kill(pid, 0)
+        kill_err = 0
+    except OSError as exc:
+        kill_err = exc.errno
+    print(pid, attach_err, kill_err)
+"""
+
+
+def _probe(uid: int, gid: int, *pids: int) -> dict[int, tuple[int, int]]:
+    out = subprocess.run(
+        as_user_argv(uid, gid, [], PROBE, *map(str, pids)),
+        check=True, capture_output=True, text=True, timeout=30,
+    ).stdout  # fmt: skip
+    return {int(p): (int(a), int(k)) for p, a, k in (line.split() for line in out.splitlines())}
+
+
+def test_workers_relay_without_privileges_from_a_private_python(
+    chain: topology.Chain, tmp_path: Path
+) -> None:
+    """Workers drop everything themselves, also when only root can read the interpreter (a venv
+    inside a 0700 directory, like a Python under /root): not root, no capabilities,
+    no_new_privs, not dumpable, control and data under different uids that can neither trace
+    nor signal each other, and packets still relayed."""
+    with (
+        private_python() as python,
+        relay_daemon(chain.relay, tmp_path, "--num-workers", "2", python=python) as relay,
+    ):
+        add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}")
+        with sink(chain.sink, OUT_GROUP, OUT_PORT, chain.sink_if, "--count", "1000",
+                  "--idle-timeout", "2") as s:  # fmt: skip
+            run_gen(chain.gen, GROUP, PORT, "--rate", "10000", "--count", "1000")
+            assert s.result()["received"] == 1000
+        workers = relay.workers()
+        uids: dict[str, tuple[int, int]] = {}
+        for worker in workers.values():
+            pid = worker["pid"]
+            status = _status(pid)
+            uid, gid = int(status["Uid"].split()[0]), int(status["Gid"].split()[0])
+            assert uid != 0, worker["id"]
+            assert status["Uid"].split() == [str(uid)] * 4  # real, effective, saved, fs
+            assert int(status["CapEff"], 16) == 0
+            assert int(status["CapPrm"], 16) == 0
+            assert int(status["CapBnd"], 16) == 0
+            assert status["NoNewPrivs"].strip() == "1"
+            # Not dumpable: the kernel gives the task's /proc files to root (the /proc/PID
+            # directory itself keeps the euid, by design, so ps can show the user).
+            for entry in ("fd", "mem", "environ", "status"):
+                assert os.stat(f"/proc/{pid}/{entry}").st_uid == 0, f"{worker['id']} {entry}"
+            uids[worker["id"]] = (uid, gid)
+        assert _status(relay.proc.pid)["Uid"].split()[0] == "0"
+        control = workers["control"]["pid"]
+        data = [w["pid"] for k, w in workers.items() if k.startswith("data-")]
+        assert uids["control"][0] not in {uids[k][0] for k in workers if k.startswith("data-")}
+        eperm = (errno.EPERM, errno.EPERM)
+        # The data workers' user can neither trace nor signal the control worker, nor (not
+        # dumpable) trace a data worker of its own uid; and the other way round.
+        as_data = _probe(*uids["data-0"], control, *data)
+        assert as_data[control] == eperm
+        assert all(as_data[pid][0] == errno.EPERM for pid in data)
+        as_control = _probe(*uids["control"], control, *data)
+        assert all(as_control[pid] == eperm for pid in data)
+        assert as_control[control][0] == errno.EPERM
 
 
 FLOOD = r"""
