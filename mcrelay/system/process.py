@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 
 import prctl
@@ -24,3 +25,19 @@ def set_process_name(name: str) -> None:
     """Shown by ps/top (argv) and in /proc/PID/comm (first 15 bytes)."""
     prctl.set_name(name[:15])
     prctl.set_proctitle(name)
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (workers inherit it); (soft, hard) after.
+
+    systemd and most shells start services with a soft limit of 1024, far below what the kernel
+    allows (the hard limit); descriptors are what a large rule set costs.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):  # e.g. an infinite hard limit the kernel caps lower
+            pass
+    return soft, hard

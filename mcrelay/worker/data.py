@@ -66,30 +66,45 @@ def _dead_socket() -> socket.socket:
 
 
 class _OutputSockets:
-    """One socket per (interface, ttl, multicast), shared by every output that matches it."""
+    """One socket per (interface, ttl, multicast), shared by every output that matches it.
+
+    Outputs whose interface is missing (or whose socket cannot be opened, e.g. EMFILE) all
+    share one dead socket opened at start, so they cost no descriptor each, and a failure to
+    open a socket never needs another socket to handle it.
+    """
 
     def __init__(self) -> None:
         self._socks: dict[tuple[str, int, bool], tuple[socket.socket, int]] = {}
         self.dead: set[tuple[str, int, bool]] = set()
+        self._dead_sock = _dead_socket()
 
     def get(self, interface: str, ttl: int, multicast: bool) -> tuple[socket.socket, int]:
         """The socket and its UDP GSO segment limit (0: one datagram per message)."""
         key = (interface, ttl, multicast)
         entry = self._socks.get(key)
-        if entry is None:
-            try:
-                sock = open_output_socket(interface, ttl=ttl, multicast=multicast)
-                entry = (sock, udp_gso_max(interface))
-                if key in self.dead:
-                    log.info("output interface %s is usable again", interface)
-                    self.dead.discard(key)
-            except OSError as exc:
-                if key not in self.dead:
-                    log.warning("output interface %s unusable: %s", interface, exc.strerror or exc)
-                entry = (_dead_socket(), 0)
-                self.dead.add(key)
-            self._socks[key] = entry
+        if entry is not None:
+            return entry
+        try:
+            sock = open_output_socket(interface, ttl=ttl, multicast=multicast)
+        except OSError as exc:
+            if key not in self.dead:
+                log.warning("output interface %s unusable: %s", interface, exc.strerror or exc)
+            self.dead.add(key)
+            return (self._dead_sock, 0)
+        try:
+            entry = (sock, udp_gso_max(interface))
+        except OSError:
+            entry = (sock, 0)
+        if key in self.dead:
+            log.info("output interface %s is usable again", interface)
+            self.dead.discard(key)
+        self._socks[key] = entry
         return entry
+
+    @property
+    def open_count(self) -> int:
+        """Descriptors held: one per usable (interface, ttl, multicast), plus the dead one."""
+        return len(self._socks) + 1
 
     def forget(self, keys: set[tuple[str, int, bool]]) -> None:
         for key in keys:
@@ -99,6 +114,7 @@ class _OutputSockets:
 
     def close(self) -> None:
         self.forget(set(self._socks))
+        self._dead_sock.close()
 
 
 def _output_key(out: rules_mod.Output) -> tuple[str, int, bool]:
@@ -174,6 +190,7 @@ class DataWorker:
         in_use = {_output_key(o) for rule, _ in self._routes.values() for o in rule.outputs}
         unused = {k for rule, _ in old.values() for o in rule.outputs if (k := _output_key(o))}
         self._sockets.forget(unused - in_use)
+        self._sockets.dead &= in_use
         for capture in self._captures.values():
             self._install(capture)
 
