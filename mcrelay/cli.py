@@ -229,6 +229,7 @@ def supervisor(
     from mcrelay.supervisor.persistence import RuleStore
     from mcrelay.supervisor.settings import SupervisorSettings
     from mcrelay.system.logs import setup_logging
+    from mcrelay.system.process import raise_open_file_limit
 
     if log_level not in LOG_LEVELS:
         raise typer.BadParameter(f"use one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
@@ -267,6 +268,8 @@ def supervisor(
     )
     launcher: SpawnerLauncher | None = None
     try:
+        # Before the spawner: it and every worker inherit the raised open-file limit.
+        raise_open_file_limit()
         # Before the trio loop: the spawner is the only process that forks workers.
         users = WorkerUsers.resolve(user, control_user, keep_root=unsafe_keep_worker_root)
         launcher = SpawnerLauncher(users)

@@ -28,7 +28,6 @@ from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerFatal
 from mcrelay.system.metrics import open_metrics_listeners, serve_metrics, supervisor_snapshot
 from mcrelay.system.notify import SystemdNotifier
-from mcrelay.system.process import raise_open_file_limit
 
 log = logging.getLogger("mcrelay.supervisor")
 
@@ -115,12 +114,7 @@ def control_socket(
 
 async def run_daemon(settings: SupervisorSettings, launcher: SpawnerLauncher, **kwargs: Any) -> int:
     """:func:`serve` with the worker spawner kept running around it (it must outlive the
-    workers: they die with it, and stopping them softly needs its exit reports).
-
-    The soft open-file limit is raised to the hard one first, so the spawner and every worker
-    inherit it."""
-    soft, hard = raise_open_file_limit()
-    log.info("open file limit (RLIMIT_NOFILE): %d (hard limit %d)", soft, hard)
+    workers: they die with it, and stopping them softly needs its exit reports)."""
     async with trio.open_nursery() as nursery:
         await nursery.start(launcher.run)
         code = await serve(settings, launcher, **kwargs)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import signal
 
 import prctl
+
+log = logging.getLogger("mcrelay.supervisor")
 
 
 def arm_parent_death(parent_pid: int) -> None:
@@ -40,4 +43,5 @@ def raise_open_file_limit() -> tuple[int, int]:
             soft = hard
         except (OSError, ValueError):  # e.g. an infinite hard limit the kernel caps lower
             pass
+    log.info("open file limit (RLIMIT_NOFILE): %d (hard limit %d)", soft, hard)
     return soft, hard
