@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerFatal
 from mcrelay.system.metrics import open_metrics_listeners, serve_metrics, supervisor_snapshot
 from mcrelay.system.notify import SystemdNotifier
+from mcrelay.system.paths import ensure_safe_directory, open_lock_file
 
 log = logging.getLogger("mcrelay.supervisor")
 
@@ -74,33 +76,26 @@ def control_socket(
     the socket's group, and a file has one group owner) makes it 0666: the daemon's own
     SO_PEERCRED check (`mcrelay.system.peers`) is what decides who may do what either way.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_safe_directory(path.parent, "control socket directory")
     lock_path = path.with_name(path.name + ".lock")
-    lock = open(lock_path, "a+")  # noqa: SIM115 - held for the whole lifetime
+    lock = open_lock_file(lock_path)
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                lock.seek(0)
-                owner = lock.read().strip() or "?"
+                owner = os.pread(lock, 64, 0).decode(errors="replace").strip() or "?"
                 raise SupervisorRunning(
                     f"another mcrelay supervisor (pid {owner}) is running on {path}"
                 ) from None
             raise
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+        os.ftruncate(lock, 0)  # our own regular file: open_lock_file followed no link
+        os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # stale: its owner is gone, or we could not have taken the lock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(str(path))
-            # See mcrelay.system.peers for who may do what.
-            os.chmod(path, 0o666 if open_to_all else 0o660)
-            if group is not None:
-                os.chown(path, -1, group)
+            _bind_private(sock, path, 0o666 if open_to_all else 0o660, group)
             sock.listen(LISTEN_BACKLOG)
             yield sock
         finally:
@@ -109,7 +104,29 @@ def control_socket(
                 path.unlink()
             # The lock file stays: unlinking it while locked would let two starters race.
     finally:
-        lock.close()
+        os.close(lock)
+
+
+def _bind_private(sock: socket.socket, path: Path, mode: int, group: int | None) -> None:
+    """Bind ``sock`` at ``path`` with ``mode`` and ``group`` and no window for a swapped name.
+
+    Linux applies the umask to an AF_UNIX socket file and ignores fchown of the socket for it
+    (fchmod before bind is honoured, but masked), so the mode and group are set by path, inside
+    a fresh 0700 directory nobody else can enter; the finished file is then renamed into place.
+    See mcrelay.system.peers for who may do what.
+    """
+    private = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    inside = private / path.name
+    try:
+        sock.bind(str(inside))
+        os.chmod(inside, mode)
+        if group is not None:
+            os.chown(inside, -1, group)
+        os.rename(inside, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            inside.unlink()
+        private.rmdir()
 
 
 async def run_daemon(settings: SupervisorSettings, launcher: SpawnerLauncher, **kwargs: Any) -> int:

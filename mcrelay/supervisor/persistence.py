@@ -1,8 +1,9 @@
 """The rule table on disk: written atomically on every change, read back at start.
 
 The file uses the config format, so an operator can read it, diff it or copy it to a config file.
-Writing is tmp file → fsync → rename → fsync of the directory: after a crash (even SIGKILL or a
-power cut) the file holds either the old or the new table, never a torn one.
+Writing is a new tmp file (random name, O_EXCL|O_NOFOLLOW) → fsync → rename → fsync of the
+directory: after a crash (even SIGKILL or a power cut) the file holds either the old or the new
+table, never a torn one. The directory is refused if another user could write to it.
 """
 
 from __future__ import annotations
@@ -15,10 +16,17 @@ from pathlib import Path
 from mcrelay import config
 from mcrelay.errors import ConfigError, McrelayError
 from mcrelay.rules import Rule
+from mcrelay.system.paths import (
+    UnsafePath,
+    check_directory,
+    create_temporary,
+    ensure_safe_directory,
+)
 from mcrelay.worker.faults import faults_for
 
 DEFAULT_STATE_DIR = Path("/var/lib/mcrelay")
 STATE_FILE = "rules.toml"
+STATE_DIRECTORY = "state directory"
 
 
 class StateError(McrelayError):
@@ -36,7 +44,10 @@ class RuleStore:
         self.path = directory / STATE_FILE
 
     def load(self) -> tuple[Rule, ...] | None:
-        """The saved table, or None when nothing was ever saved."""
+        """The saved table, or None when nothing was ever saved; UnsafePath for a state
+        directory another user could write to."""
+        if self.directory.exists():
+            check_directory(self.directory, STATE_DIRECTORY)
         if not self.path.exists():
             return None
         try:
@@ -46,11 +57,13 @@ class RuleStore:
 
     def save(self, rules: tuple[Rule, ...]) -> None:
         """Replace the saved table atomically; StateError (and the old file intact) on failure."""
-        tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
+        tmp: Path | None = None
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+            ensure_safe_directory(self.directory, STATE_DIRECTORY)
+            tmp, fd = create_temporary(self.directory, STATE_FILE, 0o640)
             try:
+                if "state-write" in faults_for("supervisor"):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 data = config.dump(rules).encode()
                 view = memoryview(data)
                 while view:
@@ -60,12 +73,15 @@ class RuleStore:
                 os.close(fd)
             os.replace(tmp, self.path)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             raise StateError(
                 f"cannot save the rule table in {self.directory}: {exc.strerror or exc}; "
                 "nothing changed"
             ) from None
+        except UnsafePath as exc:
+            raise StateError(f"{exc}; nothing changed") from None
         try:
             self._sync_directory()
         except OSError as exc:

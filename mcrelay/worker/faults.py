@@ -4,7 +4,8 @@ When PATH exists as a worker starts, each line ``KIND:FAULT`` applies to workers
 ``crash-on-start`` (exit at once with status 3) or ``hang`` (stop answering heartbeats). The
 supervisor reads the file when it spawns a worker and passes the faults on its command line.
 ``supervisor:state-dir-fsync`` makes the supervisor's sync of its state directory fail (after
-the rule file was renamed into place), read at every save.
+the rule file was renamed into place), read at every save; ``supervisor:state-write`` makes its
+write of the temporary rule file fail (ENOSPC), so the save fails and nothing changes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from pathlib import Path
 
 FAULT_FILE_ENV = "MCRELAY_FAULT_FILE"
-KNOWN_FAULTS = frozenset({"crash-on-start", "hang", "state-dir-fsync"})
+KNOWN_FAULTS = frozenset({"crash-on-start", "hang", "state-dir-fsync", "state-write"})
 
 
 def faults_for(kind: str) -> frozenset[str]:

@@ -221,23 +221,21 @@ def test_rules_survive_a_supervisor_sigkill(tmp_path: Path) -> None:
 
 def test_unwritable_state_refuses_the_change(tmp_path: Path) -> None:
     rule = ["--input-interface", "in0", "--input-port", "5000", "--output", "239.9.9.9:6000:o"]
-    with daemon(tmp_path, "--num-workers", "1") as d:
+    fault = tmp_path / "faults"
+    with daemon(tmp_path, "--num-workers", "1", env={"MCRELAY_FAULT_FILE": str(fault)}) as d:
         d.ok("add", "--input-group", "239.1.1.1", *rule, "--id", "a")
         state = tmp_path / "state"
         saved = (state / "rules.toml").read_text()
-        # A directory where the temporary file would go: writing it fails like a full disk.
-        blocker = state / f".rules.toml.{d.proc.pid}.tmp"
-        blocker.mkdir()
-        try:
-            result = d.cli("add", "--input-group", "239.1.1.2", *rule, "--id", "b")
-            assert result.returncode == 1
-            assert "cannot save the rule table" in result.stderr
-            assert "nothing changed" in result.stderr
-            assert [r["id"] for r in json.loads(d.ok("rules", "--json"))] == ["a"]
-            assert (state / "rules.toml").read_text() == saved
-            assert d.workers()["data-0"]["rules"] == 1
-        finally:
-            blocker.rmdir()
+        fault.write_text("supervisor:state-write\n")  # writing fails like a full disk
+        result = d.cli("add", "--input-group", "239.1.1.2", *rule, "--id", "b")
+        assert result.returncode == 1
+        assert "cannot save the rule table" in result.stderr
+        assert "nothing changed" in result.stderr
+        assert [r["id"] for r in json.loads(d.ok("rules", "--json"))] == ["a"]
+        assert (state / "rules.toml").read_text() == saved
+        assert [p.name for p in state.iterdir()] == ["rules.toml"]  # no temporary left behind
+        assert d.workers()["data-0"]["rules"] == 1
+        fault.unlink()
         d.ok("add", "--input-group", "239.1.1.2", *rule, "--id", "b")
 
 
