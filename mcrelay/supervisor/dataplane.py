@@ -25,7 +25,7 @@ from mcrelay.rules import Rule
 from mcrelay.supervisor.memberships import Memberships
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.slot import WorkerSlot
-from mcrelay.system.netlink import LinkMonitor, LinkState, link_state
+from mcrelay.system.netlink import Link, LinkMonitor, LinkState, link
 
 if TYPE_CHECKING:
     from mcrelay.supervisor.core import Supervisor
@@ -55,7 +55,8 @@ _RULE_STATES = {LinkState.UP: "active", LinkState.DOWN: "paused", LinkState.ABSE
 
 class KernelDataPlane:
     def __init__(self) -> None:
-        self._links: dict[str, LinkState] = {}
+        #: Per input interface, the state and index the capture sockets and memberships follow.
+        self._links: dict[str, Link] = {}
         self.memberships = Memberships()
         self._fanout: dict[str, int] = {}
         self._next_fanout = itertools.count((os.getpid() * 97) & 0xFFFF)
@@ -90,10 +91,12 @@ class KernelDataPlane:
         """
         interface = rule.input.interface
         known = self._links.get(interface)
-        return _RULE_STATES[known if known is not None else link_state(interface)]
+        return _RULE_STATES[(known if known is not None else link(interface)).state]
 
     async def follow_links(self, sup: Supervisor) -> None:
-        """Re-create capture sockets and memberships when an input interface comes (back)."""
+        """Re-create capture sockets and memberships when an input interface comes (back) up,
+        also when it was deleted and created again between two looks (same name and state,
+        new index: no event in between need have shown it absent or down)."""
         monitor = LinkMonitor()
         try:
             while True:
@@ -103,16 +106,20 @@ class KernelDataPlane:
                     for interface in sorted(input_interfaces(sup.table.rules)):
                         if events and interface not in named:
                             continue
-                        state = link_state(interface)
-                        if state != self._links.get(interface):
-                            await self._link_changed(interface, state, sup)
-                            self._links[interface] = state
+                        now = link(interface)
+                        before = self._links.get(interface)
+                        if now != before:
+                            await self._link_changed(interface, now, before, sup)
+                            self._links[interface] = now
         finally:
             monitor.close()
 
-    async def _link_changed(self, interface: str, state: LinkState, sup: Supervisor) -> None:
+    async def _link_changed(
+        self, interface: str, now: Link, before: Link | None, sup: Supervisor
+    ) -> None:
         rules = sup.table.rules
         slots = [s for s in sup.data_slots if s.channel_ready]
+        state = now.state
         if state is LinkState.DOWN:
             log.warning("input interface %s is down: its rules are paused", interface)
             return
@@ -122,17 +129,25 @@ class KernelDataPlane:
         if state is LinkState.ABSENT:
             log.warning("input interface %s is gone: its rules are unresolved", interface)
             return
-        log.info("input interface %s is up: capturing", interface)
+        if before is not None and before.state is LinkState.UP:
+            log.warning(
+                "input interface %s was re-created (index %d, was %d): capturing on the new one",
+                interface, now.ifindex, before.ifindex,
+            )  # fmt: skip
+        else:
+            log.info("input interface %s is up: capturing", interface)
         self.memberships.update(wanted_memberships(rules))
         for slot in slots:
             await self._attach(slot, interface, rules, provisioning=False)
 
     async def rules_changed(self, table: RuleTable, slots: list[WorkerSlot]) -> None:
         rules = table.rules
-        for interface in input_interfaces(rules) - set(self._links):
-            self._links[interface] = link_state(interface)
-        self.memberships.update(wanted_memberships(rules))
         interfaces = input_interfaces(rules)
+        for interface in set(self._links) - interfaces:
+            del self._links[interface]  # looked at afresh if a rule names it again
+        for interface in interfaces - set(self._links):
+            self._links[interface] = link(interface)
+        self.memberships.update(wanted_memberships(rules))
         self._refresh_filters(rules)
         for slot in slots:
             if not slot.channel_ready:

@@ -11,6 +11,7 @@ import fcntl
 import socket
 import struct
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import trio
 
@@ -50,6 +51,25 @@ def link_state(name: str) -> LinkState:
     if flags is None:
         return LinkState.ABSENT
     return LinkState.UP if flags & IFF_UP and flags & IFF_RUNNING else LinkState.DOWN
+
+
+class Link(NamedTuple):
+    """An interface as plumbing bound to it sees it: its state and its index. An interface
+    deleted and created again under the same name gets a new index, and sockets, memberships
+    and routes bound to the old one are dead even though the name is up again."""
+
+    state: LinkState
+    ifindex: int  # 0: absent
+
+
+def link(name: str) -> Link:
+    """The interface's state and index now."""
+    try:
+        ifindex = socket.if_nametoindex(name)
+    except OSError:
+        return Link(LinkState.ABSENT, 0)
+    state = link_state(name)
+    return Link(state, 0 if state is LinkState.ABSENT else ifindex)
 
 
 def parse(data: bytes) -> Iterator[tuple[str, LinkState]]:

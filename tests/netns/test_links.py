@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,6 +61,82 @@ def test_rule_follows_its_interface(chain: topology.Chain, tmp_path: Path) -> No
         assert all(w["restarts"] == 0 for w in d.workers().values())
 
 
+def packets_in(d: Daemon) -> int:
+    (rule,) = json.loads(d.ok("stats", "--json"))["rules"]
+    return int(rule["packets_in"])
+
+
+def ifindex(ns: topology.Netns, name: str) -> int:
+    (link,) = json.loads(ns.ip("-j", "link", "show", name))
+    return int(link["ifindex"])
+
+
+def recreate_veth(
+    ns: topology.Netns, name: str, addr: str, peer_ns: topology.Netns, peer: str, tmp: Path
+) -> None:
+    """Delete veth ``name`` and create it again, up with carrier (its peer is created up), in
+    one `ip -batch`: a few ms, and the new interface has a new index."""
+    before = ifindex(ns, name)
+    batch = tmp / f"recreate-{name}.ip"
+    batch.write_text(
+        f"link del {name}\n"
+        f"link add {peer} netns {peer_ns.name} up type veth peer name {name}\n"
+        f"link set {name} up\n"
+        f"addr add {addr} dev {name}\n"
+    )
+    ns.ip("-batch", str(batch))
+    assert ifindex(ns, name) != before
+
+
+def until_grows(read: Callable[[], int], burst: Callable[[], None], what: str) -> None:
+    """Bounded bursts of traffic until ``read()`` grows (counters arrive once a second)."""
+    deadline = time.monotonic() + 6
+    while True:
+        seen = read()
+        burst()
+        settle = time.monotonic() + 1.5
+        while time.monotonic() < settle:
+            if read() > seen:
+                return
+            time.sleep(0.05)
+        assert time.monotonic() < deadline, what
+
+
+def test_input_interface_recreated_between_two_events(
+    chain: topology.Chain, tmp_path: Path
+) -> None:
+    """Deleted and created again under the same name within milliseconds, so the link monitor
+    may see it up before and up after: the capture sockets and the membership must move to the
+    new interface all the same."""
+    c = chain
+    with relay_daemon(c.relay, tmp_path, "--num-workers", "2") as d:
+        topology.veth(c.gen, "gen9", "10.200.90.1/24", c.relay, "rin9", "10.200.90.2/24")
+        d.ok("add", "--input-interface", "rin9", "--input-group", GROUP, "--input-port",
+             str(PORT), "--output", f"{OUT}:{PORT}:{c.relay_out}")  # fmt: skip
+        wait_for(lambda: state(d) == "active")
+        assert relayed(c) == 1000
+        wait_for(lambda: packets_in(d) == 1000)  # counters are reported once a second
+
+        # The supervisor is held up (SIGSTOP, as if busy or not scheduled) while rin9 goes and
+        # comes back: when it reads the queued events, the interface is already up again.
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            recreate_veth(c.relay, "rin9", "10.200.90.2/24", c.gen, "gen9", tmp_path)
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        c.gen.ip("addr", "add", "10.200.90.1/24", "dev", "gen9")
+
+        until_grows(
+            lambda: packets_in(d),
+            lambda: run_gen(c.gen, GROUP, PORT, "--interface", "gen9", "--count", "50"),
+            "the capture did not move to the new rin9",
+        )
+        assert state(d) == "active"
+        assert relayed(c) == 1000
+        assert "input interface rin9 was re-created" in d.log.read_text()
+        assert all(w["restarts"] == 0 for w in d.workers().values())
+
+
 def test_output_interface_goes_and_comes_back(chain: topology.Chain, tmp_path: Path) -> None:
     c = chain
     with relay_daemon(c.relay, tmp_path, "--num-workers", "1") as d:
@@ -77,6 +156,36 @@ def test_output_interface_goes_and_comes_back(chain: topology.Chain, tmp_path: P
                       f"{c.sink_addr}/24")  # fmt: skip
         # The worker retries the output every second and says when it is usable again.
         wait_for(lambda: "output interface rout0 is usable again" in d.log.read_text())
+        with sink(c.sink, OUT, PORT, c.sink_if, "--count", "1000", "--idle-timeout", "2") as s:
+            run_gen(c.gen, GROUP, PORT, "--rate", "5000", "--count", "1000")
+            assert s.result()["received"] == 1000
+        assert all(w["restarts"] == 0 for w in d.workers().values())
+
+
+def test_output_interface_recreated_between_two_sends(
+    chain: topology.Chain, tmp_path: Path
+) -> None:
+    """The output interface deleted and created again within milliseconds: the workers' output
+    sockets were bound to the old one; the first send that fails reopens them on the new one."""
+    c = chain
+    with relay_daemon(c.relay, tmp_path, "--num-workers", "1") as d:
+        d.ok("add", "--input-interface", c.relay_in, "--input-group", GROUP, "--input-port",
+             str(PORT), "--output", f"{OUT}:{PORT}:{c.relay_out}")  # fmt: skip
+
+        def sent() -> int:
+            (rule,) = json.loads(d.ok("stats", "--json"))["rules"]
+            return int(rule["outputs"][0]["packets"])
+
+        run_gen(c.gen, GROUP, PORT, "--count", "100")
+        wait_for(lambda: sent() == 100)
+        recreate_veth(c.relay, c.relay_out, f"{c.relay_out_addr}/24", c.sink, c.sink_if, tmp_path)
+        c.sink.ip("addr", "add", f"{c.sink_addr}/24", "dev", c.sink_if)
+
+        until_grows(
+            sent,
+            lambda: run_gen(c.gen, GROUP, PORT, "--count", "50"),
+            "the output did not move to the new rout0",
+        )
         with sink(c.sink, OUT, PORT, c.sink_if, "--count", "1000", "--idle-timeout", "2") as s:
             run_gen(c.gen, GROUP, PORT, "--rate", "5000", "--count", "1000")
             assert s.result()["received"] == 1000
