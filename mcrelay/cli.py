@@ -286,14 +286,29 @@ def supervisor(
                 metrics_listen=metrics_listen,
             )
         )
-    except McrelayError as exc:
-        raise fail(str(exc), 2) from None
-    except OSError as exc:
-        raise fail(f"cannot start: {exc}", 2) from None
+    except (McrelayError, OSError, ExceptionGroup) as exc:
+        message = _start_refusal(exc)
+        if message is None:
+            raise
+        raise fail(message, 2) from None
     finally:
         if launcher is not None:
             launcher.close()
     raise typer.Exit(code)
+
+
+def _start_refusal(exc: BaseException) -> str | None:
+    """The sentence for a daemon that cannot start, or None for anything else (a bug). A refusal
+    raised inside the daemon's task tree arrives in an exception group: every part is said."""
+    if isinstance(exc, McrelayError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"cannot start: {exc}"
+    if isinstance(exc, BaseExceptionGroup):
+        parts = [_start_refusal(e) for e in exc.exceptions]
+        if parts and all(parts):
+            return "; ".join(p for p in parts if p)
+    return None
 
 
 def _group_id(name: str | None, option: str) -> int | None:

@@ -789,11 +789,12 @@ class Soak:
         self.budget_end = self.t0 + self.opts.minutes * 60
         self.supervisor_kills_allowed = max(1, int(self.opts.minutes / 3))
         # every kind once (the supervisor first, so the last instance lives long enough for the
-        # fd/RSS trend; the longest event next, so a short run still has it), then weighted
-        # random choices; a kind that no longer fits the budget becomes a baseline ("none")
-        rest = ["kill-data", "kill-control", "churn"]
+        # fd/RSS trend; then the data-path failures, longest first, so a short run on a slow
+        # machine still has them), then weighted random choices; a kind that no longer fits the
+        # budget becomes a baseline ("none")
+        rest = ["kill-control", "churn"]
         self.rng.shuffle(rest)
-        schedule = ["kill-supervisor", "stop-worker", *rest]
+        schedule = ["kill-supervisor", "stop-worker", "kill-data", *rest]
         for _ in range(10_000):  # bounded; the budget ends it long before
             picked = self.pick(schedule)
             if picked is None:

@@ -40,8 +40,11 @@ def raise_open_file_limit() -> tuple[int, int]:
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:  # e.g. an infinite hard limit the kernel caps lower
+            log.warning(
+                "open file limit (RLIMIT_NOFILE) stays %d (hard limit %d): %s", soft, hard, exc
+            )
+        else:
+            log.info("open file limit (RLIMIT_NOFILE) raised from %d to %d", soft, hard)
             soft = hard
-        except (OSError, ValueError):  # e.g. an infinite hard limit the kernel caps lower
-            pass
-    log.info("open file limit (RLIMIT_NOFILE): %d (hard limit %d)", soft, hard)
     return soft, hard

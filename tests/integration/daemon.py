@@ -63,8 +63,18 @@ def cli(
 #: Runs Python as another user from an interpreter only root may be able to read (a clone or a
 #: Python under a 0700 directory): everything the code needs is imported first, as root.
 _AS_USER = """
-import os, sys
-import msgspec, mcrelay.cli, mcrelay.client, mcrelay.ipc.messages, trio
+import importlib, os, pkgutil, sys, warnings
+import msgspec, mcrelay, pydantic, typer, trio
+# Every module the command might import lazily (typer and pydantic do), while still root.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    for package in (mcrelay, typer, pydantic):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            if not info.name.endswith("__main__"):
+                try:
+                    importlib.import_module(info.name)
+                except Exception:  # optional extras, other platforms' modules
+                    pass
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
 groups = [int(g) for g in sys.argv[3].split(",") if g]
 os.setgroups(groups); os.setresgid(gid, gid, gid); os.setresuid(uid, uid, uid)
