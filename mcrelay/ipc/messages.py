@@ -7,13 +7,23 @@ rejects anything that is not one of its members.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from mcrelay.rules import Rule
 
 PROTOCOL_VERSION = 1
+
+#: Largest counter or sequence number a worker may report. Workers are not trusted further than
+#: clients: a bound far beyond any real count (2^62 bytes is 11 years at 100 Gbit/s) keeps every
+#: sum the supervisor makes encodable; a frame outside it is a protocol error that restarts the
+#: worker.
+MAX_COUNT = 2**62
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+#: Drop reasons a data worker may report (its labels are short words, such as ``no_rule``).
+DropReason = Annotated[str, msgspec.Meta(max_length=32)]
+MAX_DROP_REASONS = 64
 
 WorkerKind = Literal["control", "data"]
 Role = Literal["supervisor", "control", "data", "client"]
@@ -38,7 +48,7 @@ class Heartbeat(_Msg, tag="hb"):
 
 
 class HeartbeatAck(_Msg, tag="hb-ack"):
-    n: int
+    n: Count
 
 
 class RuleSync(_Msg, tag="rule-sync"):
@@ -55,9 +65,9 @@ class RuleUpdate(_Msg, tag="rule-update"):
 
 
 class RuleAck(_Msg, tag="rule-ack"):
-    seq: int
-    count: int
-    digest: str
+    seq: Count
+    count: Count
+    digest: Annotated[str, msgspec.Meta(max_length=128)]
 
 
 class SetLogLevel(_Msg, tag="log-level"):
@@ -89,16 +99,16 @@ class DetachCapture(_Msg, tag="detach-capture"):
 
 
 class OutputCounters(msgspec.Struct, array_like=True):
-    packets: int = 0
-    bytes: int = 0
-    errors: int = 0
+    packets: Count = 0
+    bytes: Count = 0
+    errors: Count = 0
 
 
 class RuleCounters(msgspec.Struct):
     """Counters of one rule in one worker, cumulative since that worker started."""
 
-    packets_in: int = 0
-    bytes_in: int = 0
+    packets_in: Count = 0
+    bytes_in: Count = 0
     #: Keyed by the output's text form (``ADDR:PORT:IF[:TTL]``), stable across rule edits.
     outputs: dict[str, OutputCounters] = msgspec.field(default_factory=dict)
 
@@ -107,8 +117,8 @@ class StatsReport(_Msg, tag="stats"):
     """Pushed by data workers every interval: cumulative counters since the worker started."""
 
     rules: dict[str, RuleCounters]
-    drops: dict[str, int]
-    kernel_drops: int = 0
+    drops: Annotated[dict[DropReason, Count], msgspec.Meta(max_length=MAX_DROP_REASONS)]
+    kernel_drops: Count = 0
 
 
 class ControlRequest(_Msg, tag="control-request"):

@@ -18,7 +18,7 @@ import trio
 import trio_util
 
 from mcrelay import policy
-from mcrelay.errors import McrelayError, RuleError
+from mcrelay.errors import McrelayError, ProtocolError, RuleError
 from mcrelay.ipc import messages as m
 from mcrelay.rules import Rule
 from mcrelay.supervisor.launcher import Launcher, WorkerSpec
@@ -40,6 +40,10 @@ log = logging.getLogger("mcrelay.supervisor")
 #: REQUEST_TIMEOUT, so a client does not hear "no answer" about a change made after it gave up.
 CHANGE_START_LIMIT = REQUEST_TIMEOUT / 2
 
+#: Full resyncs a worker may need in a row before it counts as broken and is restarted.
+MAX_RESYNCS = 3
+#: At most one full resync per worker per this many seconds, however many wrong acks arrive.
+RESYNC_INTERVAL = 0.5
 _CHANGES = (m.AddRule, m.RemoveRule, m.ReplaceRules)
 
 
@@ -287,28 +291,50 @@ class Supervisor:
             await self.dataplane.rules_changed(self.table, slots)
         except Exception:  # a plumbing bug must not take the daemon and its rules down
             log.exception("applying rule change %d to the kernel failed", update.seq)
+        self.stats.prune(self.table.by_id)
         sent = await send_each(slots, update)
         with trio.move_on_after(self.settings.ack_timeout):
             for slot in sent:
                 await slot.acked_seq.wait_value(lambda v: v >= update.seq)
 
     async def on_ack(self, slot: WorkerSlot, ack: m.RuleAck) -> None:
+        """Check a worker's acknowledgement against the table; resync it when it disagrees.
+
+        A worker is trusted no further than its messages: one that still disagrees after
+        ``MAX_RESYNCS`` full resyncs is broken (restarted, not resynced forever), and resyncs
+        are at most one per ``RESYNC_INTERVAL``, however many wrong acks arrive.
+        """
         expected = self.table.digest_at(ack.seq)
-        if expected != ack.digest:
-            log.warning(
-                "worker %s holds rule set %s at seq %d, expected %s: resyncing",
-                slot.id,
-                ack.digest,
-                ack.seq,
-                expected,
-            )
-            # In the background: this runs in the worker's read loop, which must not wait.
-            slot.post(lambda: m.RuleSync(seq=self.table.seq, rules=self.table.rules))
+        if expected == ack.digest:
+            slot.resyncs.count = 0
+            slot.rule_count = ack.count
+            slot.rule_digest = ack.digest
+            if ack.seq > slot.acked_seq.value:
+                slot.acked_seq.value = ack.seq
             return
-        slot.rule_count = ack.count
-        slot.rule_digest = ack.digest
-        if ack.seq > slot.acked_seq.value:
-            slot.acked_seq.value = ack.seq
+        budget = slot.resyncs
+        if budget.count >= MAX_RESYNCS and not budget.pending:
+            raise ProtocolError(
+                f"still holds rule set {ack.digest} at seq {ack.seq} after {MAX_RESYNCS} "
+                f"resyncs, expected {expected}"
+            )
+        delay = budget.schedule(trio.current_time(), RESYNC_INTERVAL)
+        if delay is None:
+            return  # a resync is already on its way
+        log.warning(
+            "worker %s holds rule set %s at seq %d, expected %s: resyncing",
+            slot.id,
+            ack.digest,
+            ack.seq,
+            expected,
+        )
+
+        def resync() -> m.RuleSync:
+            budget.sent(trio.current_time())  # from here on, a wrong ack may ask for another
+            return m.RuleSync(seq=self.table.seq, rules=self.table.rules)
+
+        # In the background: this runs in the worker's read loop, which must not wait.
+        slot.post(resync, delay=delay)
 
     # --- control requests -----------------------------------------------------------------
 
@@ -437,7 +463,7 @@ class _DataRole:
         if isinstance(message, m.RuleAck):
             await self._sup.on_ack(slot, message)
         elif isinstance(message, m.StatsReport):
-            self._sup.stats.record(slot.id, slot.pid, message)
+            self._sup.stats.record(slot.id, slot.pid, message, self._sup.table.by_id)
         else:
             log.warning("unexpected %s from %s", type(message).__name__, slot.id)
 

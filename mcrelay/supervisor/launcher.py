@@ -450,7 +450,10 @@ class SpawnerLauncher:
         pid = message.pid
         exit = self._exits.setdefault(pid, _Exit())
         ours.setblocking(False)
-        channel = FrameChannel(trio.socket.from_stdlib_socket(ours), WorkerToSupervisor)
+        # Workers never pass descriptors up: one that tries is broken or taken over.
+        channel = FrameChannel(
+            trio.socket.from_stdlib_socket(ours), WorkerToSupervisor, accept_fds=False
+        )
         return SpawnedWorker(pid, fds[0], channel, exit, lambda: self._exits.pop(pid, None))
 
     async def _ask(self, spawner: _Spawner, request: sp.Spawn, fd: int) -> _Reply:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+import types
+from collections.abc import Iterable, Mapping
 
 from mcrelay import rules as rules_mod
 from mcrelay.errors import RuleError
@@ -27,6 +28,11 @@ class RuleTable:
 
     def __contains__(self, rule_id: object) -> bool:
         return rule_id in self._rules
+
+    @property
+    def by_id(self) -> Mapping[str, Rule]:
+        """The rules by id, read-only and live (no copy)."""
+        return types.MappingProxyType(self._rules)
 
     @property
     def rules(self) -> tuple[Rule, ...]:

@@ -52,6 +52,29 @@ class SlotRole(Protocol):
         ...
 
 
+class ResyncBudget:
+    """Full resyncs sent to one worker process since it last agreed with the table."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.pending = False
+        self._last: float | None = None
+
+    def schedule(self, now: float, interval: float) -> float | None:
+        """Seconds until the next resync may go (counted as one more), or None when one is
+        already waiting to go: however many wrong acks arrive, one resync per ``interval``."""
+        if self.pending:
+            return None
+        self.pending = True
+        self.count += 1
+        return 0.0 if self._last is None else max(0.0, self._last + interval - now)
+
+    def sent(self, now: float) -> None:
+        """The resync is being sent: an ack disagreeing after this may schedule the next."""
+        self.pending = False
+        self._last = now
+
+
 class WorkerSlot:
     def __init__(
         self,
@@ -91,6 +114,7 @@ class WorkerSlot:
         self.incarnation = 0
         #: Digest of the rule set the worker last acknowledged (data workers).
         self.rule_digest: str | None = None
+        self.resyncs = ResyncBudget()
 
     @property
     def id(self) -> str:
@@ -170,8 +194,8 @@ class WorkerSlot:
         if launched is None or not await self._deliver(launched, message, fds):
             raise ChannelClosed(f"worker {self.id} did not take {type(message).__name__}")
 
-    def post(self, make_message: Callable[[], object]) -> None:
-        """Send in the background, to this process only.
+    def post(self, make_message: Callable[[], object], *, delay: float = 0.0) -> None:
+        """Send in the background, to this process only, after ``delay`` seconds.
 
         For the read loop, which must never wait on a send (the worker may itself be waiting
         for us to read). The message is made when the send starts, so it is as fresh as
@@ -182,6 +206,7 @@ class WorkerSlot:
             return
 
         async def deliver() -> None:
+            await trio.sleep(delay)
             await self._deliver(launched, make_message())
 
         nursery.start_soon(deliver)
@@ -302,6 +327,7 @@ class WorkerSlot:
         self.channel_ready = False
         self._hb_acked = trio_util.AsyncValue(0)
         self.rule_digest = None
+        self.resyncs = ResyncBudget()
         try:
             launched = await self._launcher.launch(self.spec)
         except (OSError, McrelayError) as exc:

@@ -2,19 +2,28 @@
 
 Workers push cumulative counters since they started. When a worker's pid changes, its last report
 is folded into ``retired`` totals, so a crash loses at most one push interval of counts.
+
+Reports are trusted no further than the table: counters of rules and outputs the table does not
+hold are dropped on arrival, and retired totals are pruned to the table whenever it changes, so
+memory follows the live rules, not every id a worker ever named. Each count is bounded on the
+wire (``MAX_COUNT``); sums shown are capped at 2^64 − 1 so a reply can always be encoded.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import trio
 
 from mcrelay.ipc.messages import OutputCounters, RuleCounters, StatsReport
 from mcrelay.rules import Rule
+
+#: The largest value a reply or scrape shows (msgpack and JSON consumers take unsigned 64 bits).
+MAX_SHOWN = 2**64 - 1
 
 
 @dataclasses.dataclass
@@ -52,7 +61,12 @@ class StatsBook:
         self._retired = _Totals()
         self._live: dict[str, _Incarnation] = {}
 
-    def record(self, worker_id: str, pid: int | None, report: StatsReport) -> None:
+    def record(
+        self, worker_id: str, pid: int | None, report: StatsReport, rules: Mapping[str, Rule]
+    ) -> None:
+        """Keep ``report`` as the latest of ``worker_id`` (process ``pid``), reduced to the
+        rules and outputs in ``rules`` (the table, by id)."""
+        report = _known_only(report, rules)
         now = trio.current_time()
         current = self._live.get(worker_id)
         if current is not None and current.pid == pid:
@@ -61,6 +75,10 @@ class StatsBook:
         if current is not None:
             self._retired.add(current.report)
         self._live[worker_id] = _Incarnation(pid, report, now)
+
+    def prune(self, rules: Mapping[str, Rule]) -> None:
+        """Forget retired counters of rules and outputs no longer in the table."""
+        self._retired.rules = _known_only(_as_report(self._retired), rules).rules
 
     def merged(self, rules: Iterable[Rule], workers: Iterable[Any]) -> dict[str, Any]:
         """The view `mcrelay stats` shows: per rule and output, totals and recent rates."""
@@ -86,9 +104,9 @@ class StatsBook:
                 outputs.append(
                     {
                         "output": key,
-                        "packets": oc.packets,
-                        "bytes": oc.bytes,
-                        "errors": oc.errors,
+                        "packets": _shown(oc.packets),
+                        "bytes": _shown(oc.bytes),
+                        "errors": _shown(oc.errors),
                         "pps": _rate(orate.packets, span),
                         "bps": _rate(orate.bytes * 8, span),
                     }
@@ -96,8 +114,8 @@ class StatsBook:
             out_rules.append(
                 {
                     "id": rule.id,
-                    "packets_in": t.packets_in,
-                    "bytes_in": t.bytes_in,
+                    "packets_in": _shown(t.packets_in),
+                    "bytes_in": _shown(t.bytes_in),
                     "pps_in": _rate(r.packets_in, span),
                     "bps_in": _rate(r.bytes_in * 8, span),
                     "outputs": outputs,
@@ -105,10 +123,34 @@ class StatsBook:
             )
         return {
             "rules": out_rules,
-            "drops": dict(sorted(totals.drops.items())),
-            "kernel_drops": totals.kernel_drops,
+            "drops": {k: _shown(v) for k, v in sorted(totals.drops.items())},
+            "kernel_drops": _shown(totals.kernel_drops),
             "interval_s": round(span, 3),
         }
+
+
+def _shown(value: int) -> int:
+    return min(value, MAX_SHOWN)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _output_keys(rule: Rule) -> frozenset[str]:
+    return frozenset(str(o) for o in rule.outputs)
+
+
+def _known_only(report: StatsReport, rules: Mapping[str, Rule]) -> StatsReport:
+    kept: dict[str, RuleCounters] = {}
+    for rule_id, counters in report.rules.items():
+        rule = rules.get(rule_id)
+        if rule is None:
+            continue
+        outputs = _output_keys(rule)
+        if counters.outputs.keys() <= outputs:
+            kept[rule_id] = counters
+        else:
+            known = {k: v for k, v in counters.outputs.items() if k in outputs}
+            kept[rule_id] = RuleCounters(counters.packets_in, counters.bytes_in, known)
+    return StatsReport(rules=kept, drops=report.drops, kernel_drops=report.kernel_drops)
 
 
 def _rate(delta: int, span: float) -> float:

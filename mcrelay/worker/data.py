@@ -102,6 +102,10 @@ class _OutputSockets:
         return entry
 
     @property
+    def dead_fd(self) -> int:
+        return self._dead_sock.fileno()
+
+    @property
     def open_count(self) -> int:
         """Descriptors held: one per usable (interface, ttl, multicast), plus the dead one."""
         return len(self._socks) + 1
@@ -122,8 +126,13 @@ def _output_key(out: rules_mod.Output) -> tuple[str, int, bool]:
 
 
 class DataWorker:
-    def __init__(self, channel: FrameChannel, worker_id: str) -> None:
+    def __init__(
+        self, channel: FrameChannel, worker_id: str, faults: frozenset[str] = frozenset()
+    ) -> None:
         self._channel = channel
+        #: Injected misbehaviour (`mcrelay.worker.faults`): what a broken or taken-over worker
+        #: could say, to show the supervisor restarts it and stays up.
+        self._faults = faults
         self.worker_id = worker_id
         self.rules: dict[str, Rule] = {}
         self._routes: dict[str, tuple[Rule, Route]] = {}
@@ -170,9 +179,10 @@ class DataWorker:
 
     async def _rules_changed(self, seq: int) -> None:
         self._rebuild_routes()
-        await self._channel.send(
-            m.RuleAck(seq=seq, count=len(self.rules), digest=rules_mod.digest(self.rules.values()))
-        )
+        digest = rules_mod.digest(self.rules.values())
+        if "bad-digest" in self._faults:
+            digest = "0" * len(digest)
+        await self._channel.send(m.RuleAck(seq=seq, count=len(self.rules), digest=digest))
 
     def _rebuild_routes(self) -> None:
         old = self._routes
@@ -187,6 +197,8 @@ class DataWorker:
                 self._routes[rule.id] = (rule, self._make_route(rule))
         for rule_id, (rule, route) in old.items():
             self._retire(rule_id, rule, route)
+        # Counts of rules no longer held are not reported: memory follows the table.
+        self._retired = {k: v for k, v in self._retired.items() if k in self.rules}
         in_use = {_output_key(o) for rule, _ in self._routes.values() for o in rule.outputs}
         unused = {k for rule, _ in old.values() for o in rule.outputs if (k := _output_key(o))}
         self._sockets.forget(unused - in_use)
@@ -291,13 +303,16 @@ class DataWorker:
             live = self._counters(rule, route)
             rules[rule_id] = _add(rules[rule_id], live) if rule_id in rules else live
         kernel = self._kernel_drops + sum(c.ring.stats().drops for c in self._captures.values())
+        if "stats-overflow" in self._faults:
+            kernel = 2**64 - 1
         return m.StatsReport(rules=rules, drops=dict(self._drops), kernel_drops=kernel)
 
     async def _report_stats(self) -> None:
         while True:
             await trio.sleep(STATS_INTERVAL)
             self._revive_outputs()
-            await self._channel.send(self.report())
+            fds = [self._sockets.dead_fd] if "send-fd" in self._faults else None
+            await self._channel.send(self.report(), fds)
 
     def _revive_outputs(self) -> None:
         """Reopen outputs whose interface was missing or has gone away and come back."""

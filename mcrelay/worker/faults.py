@@ -1,7 +1,10 @@
 """Fault injection for tests: ``MCRELAY_FAULT_FILE=PATH`` selects faults for worker kinds.
 
 When PATH exists as a worker starts, each line ``KIND:FAULT`` applies to workers of that kind:
-``crash-on-start`` (exit at once with status 3) or ``hang`` (stop answering heartbeats). The
+``crash-on-start`` (exit at once with status 3) or ``hang`` (stop answering heartbeats); data
+workers also take what a broken or compromised worker could say: ``bad-digest`` (acknowledge
+every rule set with a wrong digest), ``stats-overflow`` (report a counter of 2^64 − 1) and
+``send-fd`` (pass a descriptor with its counters). The
 supervisor reads the file when it spawns a worker and passes the faults on its command line.
 ``supervisor:state-dir-fsync`` makes the supervisor's sync of its state directory fail (after
 the rule file was renamed into place), read at every save; ``supervisor:state-write`` makes its
@@ -14,7 +17,17 @@ import os
 from pathlib import Path
 
 FAULT_FILE_ENV = "MCRELAY_FAULT_FILE"
-KNOWN_FAULTS = frozenset({"crash-on-start", "hang", "state-dir-fsync", "state-write"})
+KNOWN_FAULTS = frozenset(
+    {
+        "crash-on-start",
+        "hang",
+        "bad-digest",
+        "stats-overflow",
+        "send-fd",
+        "state-dir-fsync",
+        "state-write",
+    }
+)
 
 
 def faults_for(kind: str) -> frozenset[str]:

@@ -55,12 +55,12 @@ def run(kind: m.WorkerKind, worker_id: str, fd: int, faults: frozenset[str]) -> 
         log.error("fault injected: crash-on-start")
         return 3
     try:
-        return trio.run(_run, kind, worker_id, fd, "hang" in faults)
+        return trio.run(_run, kind, worker_id, fd, faults)
     except KeyboardInterrupt:
         return 0
 
 
-async def _run(kind: m.WorkerKind, worker_id: str, fd: int, hang: bool) -> int:
+async def _run(kind: m.WorkerKind, worker_id: str, fd: int, faults: frozenset[str]) -> int:
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
     channel = FrameChannel(trio.socket.from_stdlib_socket(sock), m.SupervisorToWorker)
@@ -75,11 +75,11 @@ async def _run(kind: m.WorkerKind, worker_id: str, fd: int, hang: bool) -> int:
         await channel.send(
             m.Hello(version=m.PROTOCOL_VERSION, role=kind, worker_id=worker_id, pid=os.getpid())
         )
-        impl = _make_impl(kind, worker_id, channel)
+        impl = _make_impl(kind, worker_id, channel, faults)
         try:
             async with trio.open_nursery() as nursery:
                 await impl.run(nursery)
-                await _obey(channel, impl, hang)
+                await _obey(channel, impl, "hang" in faults)
                 with trio.move_on_after(DRAIN_GRACE):
                     await impl.drain()
                 nursery.cancel_scope.cancel()
@@ -100,14 +100,16 @@ def process_name(kind: str, worker_id: str) -> str:
     return "mcrelay: control" if kind == "control" else f"mcrelay: {worker_id}"
 
 
-def _make_impl(kind: m.WorkerKind, worker_id: str, channel: FrameChannel) -> WorkerImpl:
+def _make_impl(
+    kind: m.WorkerKind, worker_id: str, channel: FrameChannel, faults: frozenset[str]
+) -> WorkerImpl:
     if kind == "control":
         from mcrelay.worker.control import ControlWorker
 
         return ControlWorker(channel)
     from mcrelay.worker.data import DataWorker
 
-    return DataWorker(channel, worker_id)
+    return DataWorker(channel, worker_id, faults)
 
 
 async def _obey(channel: FrameChannel, impl: WorkerImpl, hang: bool) -> None:

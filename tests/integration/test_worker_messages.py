@@ -1,0 +1,49 @@
+"""A data worker's messages are untrusted input: one that says something wrong is restarted, and
+the supervisor stays up and keeps answering (faults injected with ``MCRELAY_FAULT_FILE``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.daemon import daemon, wait_for
+
+RULE = [
+    "--input-interface", "in0", "--input-group", "239.1.1.1", "--input-port", "5000",
+    "--output", "239.9.9.9:6000:o", "--id", "a",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fault", "logged"),
+    [
+        ("stats-overflow", "broke the protocol: invalid message"),
+        ("send-fd", "broke the protocol: file descriptors are not accepted"),
+        ("bad-digest", "after 3 resyncs"),
+    ],
+)
+def test_a_worker_that_says_something_wrong_is_restarted(
+    tmp_path: Path, fault: str, logged: str
+) -> None:
+    faults = tmp_path / "faults"
+    faults.write_text(f"data:{fault}\n")
+    env = {"MCRELAY_FAULT_FILE": str(faults)}
+    with daemon(tmp_path, "--num-workers", "1", env=env) as d:
+        d.ok("add", *RULE)
+        wait_for(lambda: logged in d.log.read_text(), 10)
+        faults.unlink()  # the next replacement is healthy
+        healthy = wait_for(
+            lambda: (w := d.workers()["data-0"])["state"] == "running" and w["rules"] == 1 and w,
+            15,
+        )
+        assert healthy["restarts"] >= 1
+        assert d.proc.poll() is None  # the supervisor never went down
+        stats = json.loads(d.ok("stats", "--json"))  # its totals still encode
+        assert [r["id"] for r in stats["rules"]] == ["a"]
+        assert stats["kernel_drops"] < 2**64
+        log = d.log.read_text()
+        assert "Traceback" not in log
+        if fault == "bad-digest":  # resyncs were bounded, not one per wrong ack
+            assert log.count("resyncing") <= 3 * healthy["restarts"]
