@@ -14,9 +14,12 @@ import errno
 import ipaddress
 import itertools
 import logging
+import math
 import os
 import socket
 from typing import TYPE_CHECKING
+
+import trio
 
 from mcrelay.dataplane import bpf
 from mcrelay.dataplane.capture import open_capture_socket
@@ -50,6 +53,8 @@ def wanted_memberships(rules: tuple[Rule, ...]) -> set[tuple[str, str]]:
     }
 
 
+#: How often joins that failed for lack of descriptors or memory are tried again, seconds.
+_SHORTAGE_RETRY = 1.0
 _RULE_STATES = {LinkState.UP: "active", LinkState.DOWN: "paused", LinkState.ABSENT: "unresolved"}
 
 
@@ -100,7 +105,14 @@ class KernelDataPlane:
         monitor = LinkMonitor()
         try:
             while True:
-                events = await monitor.receive()
+                events = None
+                # Joins that failed for lack of a resource are retried while nothing happens.
+                with trio.move_on_after(_SHORTAGE_RETRY if self.memberships.short else math.inf):
+                    events = await monitor.receive()
+                if events is None:
+                    async with sup.changes:
+                        self.memberships.update(wanted_memberships(sup.table.rules))
+                    continue
                 async with sup.changes:
                     named = {name for name, _ in events}
                     for interface in sorted(input_interfaces(sup.table.rules)):

@@ -27,6 +27,7 @@ from mcrelay.supervisor.persistence import RuleStore
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerFatal
+from mcrelay.system import netlink
 from mcrelay.system.metrics import (
     CachedSnapshot,
     open_metrics_listeners,
@@ -190,6 +191,7 @@ async def serve(
         table = sup.table
         # Bound before any worker starts: a taken port is a plain error (exit 2), not a group.
         metrics = await open_metrics_listeners(metrics_listen) if metrics_listen else []
+        netlink.probe_socket()  # kept open: looking at interfaces never needs a new descriptor
         fatal = False
         log.info(
             "supervisor %d on %s: %d data workers, %d rules",
