@@ -14,7 +14,6 @@ import errno
 import ipaddress
 import itertools
 import logging
-import math
 import os
 import socket
 from typing import TYPE_CHECKING
@@ -104,27 +103,34 @@ class KernelDataPlane:
         new index: no event in between need have shown it absent or down)."""
         monitor = LinkMonitor()
         try:
-            while True:
-                events = None
-                # Joins that failed for lack of a resource are retried while nothing happens.
-                with trio.move_on_after(_SHORTAGE_RETRY if self.memberships.short else math.inf):
-                    events = await monitor.receive()
-                if events is None:
-                    async with sup.changes:
-                        self.memberships.update(wanted_memberships(sup.table.rules))
-                    continue
-                async with sup.changes:
-                    named = {name for name, _ in events}
-                    for interface in sorted(input_interfaces(sup.table.rules)):
-                        if events and interface not in named:
-                            continue
-                        now = link(interface)
-                        before = self._links.get(interface)
-                        if now != before:
-                            await self._link_changed(interface, now, before, sup)
-                            self._links[interface] = now
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._retry_joins, sup)
+                await self._follow(monitor, sup)
         finally:
             monitor.close()
+
+    async def _retry_joins(self, sup: Supervisor) -> None:
+        """Joins that failed for lack of descriptors or memory are tried again every second
+        until they succeed (the shortage was logged once, by `Memberships.update`)."""
+        while True:
+            await self.memberships.shortage.wait()
+            await trio.sleep(_SHORTAGE_RETRY)
+            async with sup.changes:
+                self.memberships.update(wanted_memberships(sup.table.rules))
+
+    async def _follow(self, monitor: LinkMonitor, sup: Supervisor) -> None:
+        while True:
+            events = await monitor.receive()
+            async with sup.changes:
+                named = {name for name, _ in events}
+                for interface in sorted(input_interfaces(sup.table.rules)):
+                    if events and interface not in named:
+                        continue
+                    now = link(interface)
+                    before = self._links.get(interface)
+                    if now != before:
+                        await self._link_changed(interface, now, before, sup)
+                        self._links[interface] = now
 
     async def _link_changed(
         self, interface: str, now: Link, before: Link | None, sup: Supervisor

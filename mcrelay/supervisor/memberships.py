@@ -15,6 +15,8 @@ import socket
 import struct
 from pathlib import Path
 
+import trio
+
 from mcrelay.dataplane import bpf
 from mcrelay.system import netlink
 
@@ -48,15 +50,12 @@ class Memberships:
         self._load: dict[socket.socket, int] = {}
         self._warned: set[tuple[str, str]] = set()
         self._short: set[str] = set()
+        #: Set while some joins fail for lack of a resource (descriptors, memory).
+        self.shortage = trio.Event()
 
     @property
     def joined(self) -> set[tuple[str, str]]:
         return set(self._held)
-
-    @property
-    def short(self) -> bool:
-        """Some joins failed for lack of a resource (descriptors, memory) at the last update."""
-        return bool(self._short)
 
     @property
     def socket_count(self) -> int:
@@ -84,6 +83,10 @@ class Memberships:
             if cause not in self._short:
                 log.error("cannot join %d groups: %s (retrying)", count, cause)
         self._short = set(short)
+        if short:
+            self.shortage.set()
+        elif self.shortage.is_set():
+            self.shortage = trio.Event()
         return problems
 
     def forget(self, interface: str) -> None:

@@ -74,3 +74,5 @@ def test_out_of_descriptors_the_supervisor_stays_up_and_recovers(tmp_path: Path)
             assert len(rules) == GROUPS
             assert {r["state"] for r in rules} == {"active"}, d.log.read_text()[-3000:]
             assert d.proc.poll() is None
+            # ... and every group is joined again (retried without any change being made).
+            wait_for(lambda: ns.ip("maddr", "show", "dev", "d0").count("239.5.") == GROUPS, 10)
