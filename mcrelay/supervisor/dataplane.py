@@ -24,7 +24,7 @@ from mcrelay.dataplane import bpf
 from mcrelay.dataplane.capture import open_capture_socket
 from mcrelay.ipc import messages as m
 from mcrelay.rules import Rule
-from mcrelay.supervisor.memberships import Memberships
+from mcrelay.supervisor.memberships import SHORTAGES, Memberships
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.slot import WorkerSlot
 from mcrelay.system.netlink import Link, LinkMonitor, LinkState, link
@@ -70,6 +70,8 @@ class KernelDataPlane:
         #: The filter every capture socket on an interface carries, compiled once per change.
         self._programs: dict[str, list[bpf.Instruction]] = {}
         self._warned: set[str] = set()
+        #: Set when a join or capture failed for lack of descriptors or memory.
+        self._shortage = trio.Event()
 
     async def provision(self, slot: WorkerSlot, table: RuleTable) -> None:
         key = (slot.id, slot.pid)
@@ -104,19 +106,34 @@ class KernelDataPlane:
         monitor = LinkMonitor()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._retry_joins, sup)
+                nursery.start_soon(self._retry_shortages, sup)
                 await self._follow(monitor, sup)
         finally:
             monitor.close()
 
-    async def _retry_joins(self, sup: Supervisor) -> None:
-        """Joins that failed for lack of descriptors or memory are tried again every second
-        until they succeed (the shortage was logged once, by `Memberships.update`)."""
+    async def _retry_shortages(self, sup: Supervisor) -> None:
+        """Joins and captures that failed for lack of descriptors or memory are tried again
+        every second until they succeed (each shortage was logged once)."""
         while True:
-            await self.memberships.shortage.wait()
+            await self._shortage.wait()
             await trio.sleep(_SHORTAGE_RETRY)
+            self._shortage = trio.Event()
             async with sup.changes:
-                self.memberships.update(wanted_memberships(sup.table.rules))
+                rules = sup.table.rules
+                self._join(rules)
+                for slot in sup.data_slots:
+                    if not slot.channel_ready:
+                        continue
+                    held = self._held.setdefault((slot.id, slot.pid), {})
+                    for interface in sorted(input_interfaces(rules) - set(held)):
+                        known = self._links.get(interface)
+                        if known is not None and known.state is LinkState.UP:
+                            await self._attach(slot, interface, rules, provisioning=False)
+
+    def _join(self, rules: tuple[Rule, ...]) -> None:
+        self.memberships.update(wanted_memberships(rules))
+        if self.memberships.short:
+            self._shortage.set()
 
     async def _follow(self, monitor: LinkMonitor, sup: Supervisor) -> None:
         while True:
@@ -154,7 +171,7 @@ class KernelDataPlane:
             )  # fmt: skip
         else:
             log.info("input interface %s is up: capturing", interface)
-        self.memberships.update(wanted_memberships(rules))
+        self._join(rules)
         for slot in slots:
             await self._attach(slot, interface, rules, provisioning=False)
 
@@ -165,7 +182,7 @@ class KernelDataPlane:
             del self._links[interface]  # looked at afresh if a rule names it again
         for interface in interfaces - set(self._links):
             self._links[interface] = link(interface)
-        self.memberships.update(wanted_memberships(rules))
+        self._join(rules)
         self._refresh_filters(rules)
         for slot in slots:
             if not slot.channel_ready:
@@ -217,6 +234,8 @@ class KernelDataPlane:
             if interface not in self._warned:
                 log.warning("cannot capture on %s: %s", interface, exc.strerror or exc)
                 self._warned.add(interface)
+            if exc.errno in SHORTAGES:
+                self._shortage.set()  # retried by _retry_shortages
             return
         self._warned.discard(interface)
         held = self._held.setdefault((slot.id, slot.pid), {})

@@ -15,8 +15,6 @@ import socket
 import struct
 from pathlib import Path
 
-import trio
-
 from mcrelay.dataplane import bpf
 from mcrelay.system import netlink
 
@@ -26,7 +24,7 @@ _MAX_MEMBERSHIPS_FILE = Path("/proc/sys/net/ipv4/igmp_max_memberships")
 
 
 #: Errors that say the process is short of something, not that this group is wrong.
-_SHORTAGES = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+SHORTAGES = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 def max_memberships_per_socket() -> int:
@@ -50,12 +48,15 @@ class Memberships:
         self._load: dict[socket.socket, int] = {}
         self._warned: set[tuple[str, str]] = set()
         self._short: set[str] = set()
-        #: Set while some joins fail for lack of a resource (descriptors, memory).
-        self.shortage = trio.Event()
 
     @property
     def joined(self) -> set[tuple[str, str]]:
         return set(self._held)
+
+    @property
+    def short(self) -> bool:
+        """Some joins failed for lack of a resource (descriptors, memory) at the last update."""
+        return bool(self._short)
 
     @property
     def socket_count(self) -> int:
@@ -72,7 +73,7 @@ class Memberships:
                 self._join(key)
             except OSError as exc:
                 problems[key] = exc.strerror or str(exc)
-                if exc.errno in _SHORTAGES:
+                if exc.errno in SHORTAGES:
                     short[problems[key]] = short.get(problems[key], 0) + 1
                 elif key not in self._warned:  # said once; the rule's state shows it meanwhile
                     log.warning("cannot join %s on %s: %s", key[1], key[0], problems[key])
@@ -83,10 +84,6 @@ class Memberships:
             if cause not in self._short:
                 log.error("cannot join %d groups: %s (retrying)", count, cause)
         self._short = set(short)
-        if short:
-            self.shortage.set()
-        elif self.shortage.is_set():
-            self.shortage = trio.Event()
         return problems
 
     def forget(self, interface: str) -> None:
