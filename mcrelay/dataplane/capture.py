@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 from mcrelay.dataplane import bpf
 from mcrelay.dataplane import ring as ring_mod
+from mcrelay.system import netlink
 
 __all__ = ["ETH_P_ALL", "open_capture_socket"]
 
@@ -70,10 +71,8 @@ def open_capture_socket(
     """
     if fanout_group is not None and not 0 <= fanout_group <= 0xFFFF:
         raise ValueError(f"fanout group id must be 0..65535, got {fanout_group}")
-    try:
-        socket.if_nametoindex(ifname)
-    except OSError:
-        raise _no_such_interface(ifname) from None
+    if netlink.interface_index(ifname) is None:
+        raise _no_such_interface(ifname)
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
         sock.setblocking(False)

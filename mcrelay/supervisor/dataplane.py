@@ -18,11 +18,13 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
+import trio
+
 from mcrelay.dataplane import bpf
 from mcrelay.dataplane.capture import open_capture_socket
 from mcrelay.ipc import messages as m
 from mcrelay.rules import Rule
-from mcrelay.supervisor.memberships import Memberships
+from mcrelay.supervisor.memberships import SHORTAGES, Memberships
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.slot import WorkerSlot
 from mcrelay.system.netlink import Link, LinkMonitor, LinkState, link
@@ -50,6 +52,8 @@ def wanted_memberships(rules: tuple[Rule, ...]) -> set[tuple[str, str]]:
     }
 
 
+#: How often joins that failed for lack of descriptors or memory are tried again, seconds.
+_SHORTAGE_RETRY = 1.0
 _RULE_STATES = {LinkState.UP: "active", LinkState.DOWN: "paused", LinkState.ABSENT: "unresolved"}
 
 
@@ -66,6 +70,8 @@ class KernelDataPlane:
         #: The filter every capture socket on an interface carries, compiled once per change.
         self._programs: dict[str, list[bpf.Instruction]] = {}
         self._warned: set[str] = set()
+        #: Set when a join or capture failed for lack of descriptors or memory.
+        self._shortage = trio.Event()
 
     async def provision(self, slot: WorkerSlot, table: RuleTable) -> None:
         key = (slot.id, slot.pid)
@@ -99,20 +105,49 @@ class KernelDataPlane:
         new index: no event in between need have shown it absent or down)."""
         monitor = LinkMonitor()
         try:
-            while True:
-                events = await monitor.receive()
-                async with sup.changes:
-                    named = {name for name, _ in events}
-                    for interface in sorted(input_interfaces(sup.table.rules)):
-                        if events and interface not in named:
-                            continue
-                        now = link(interface)
-                        before = self._links.get(interface)
-                        if now != before:
-                            await self._link_changed(interface, now, before, sup)
-                            self._links[interface] = now
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._retry_shortages, sup)
+                await self._follow(monitor, sup)
         finally:
             monitor.close()
+
+    async def _retry_shortages(self, sup: Supervisor) -> None:
+        """Joins and captures that failed for lack of descriptors or memory are tried again
+        every second until they succeed (each shortage was logged once)."""
+        while True:
+            await self._shortage.wait()
+            await trio.sleep(_SHORTAGE_RETRY)
+            self._shortage = trio.Event()
+            async with sup.changes:
+                rules = sup.table.rules
+                self._join(rules)
+                for slot in sup.data_slots:
+                    if not slot.channel_ready:
+                        continue
+                    held = self._held.setdefault((slot.id, slot.pid), {})
+                    for interface in sorted(input_interfaces(rules) - set(held)):
+                        known = self._links.get(interface)
+                        if known is not None and known.state is LinkState.UP:
+                            await self._attach(slot, interface, rules, provisioning=False)
+
+    def _join(self, rules: tuple[Rule, ...]) -> None:
+        self.memberships.update(wanted_memberships(rules))
+        if self.memberships.short:
+            self._shortage.set()
+
+    async def _follow(self, monitor: LinkMonitor, sup: Supervisor) -> None:
+        while True:
+            events = await monitor.receive()
+            async with sup.changes:
+                named = {name for name, _ in events}
+                for interface in sorted(input_interfaces(sup.table.rules)):
+                    if events and interface not in named:
+                        continue
+                    now = link(interface)
+                    before = self._links.get(interface)
+                    if now != before:
+                        await self._link_changed(interface, now, before, sup)
+                        self._links[interface] = now
 
     async def _link_changed(
         self, interface: str, now: Link, before: Link | None, sup: Supervisor
@@ -136,7 +171,7 @@ class KernelDataPlane:
             )  # fmt: skip
         else:
             log.info("input interface %s is up: capturing", interface)
-        self.memberships.update(wanted_memberships(rules))
+        self._join(rules)
         for slot in slots:
             await self._attach(slot, interface, rules, provisioning=False)
 
@@ -147,7 +182,7 @@ class KernelDataPlane:
             del self._links[interface]  # looked at afresh if a rule names it again
         for interface in interfaces - set(self._links):
             self._links[interface] = link(interface)
-        self.memberships.update(wanted_memberships(rules))
+        self._join(rules)
         self._refresh_filters(rules)
         for slot in slots:
             if not slot.channel_ready:
@@ -199,6 +234,8 @@ class KernelDataPlane:
             if interface not in self._warned:
                 log.warning("cannot capture on %s: %s", interface, exc.strerror or exc)
                 self._warned.add(interface)
+            if exc.errno in SHORTAGES:
+                self._shortage.set()  # retried by _retry_shortages
             return
         self._warned.discard(interface)
         held = self._held.setdefault((slot.id, slot.pid), {})

@@ -27,7 +27,13 @@ from mcrelay.supervisor.persistence import RuleStore
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerFatal
-from mcrelay.system.metrics import open_metrics_listeners, serve_metrics, supervisor_snapshot
+from mcrelay.system import netlink
+from mcrelay.system.metrics import (
+    CachedSnapshot,
+    open_metrics_listeners,
+    serve_metrics,
+    supervisor_snapshot,
+)
 from mcrelay.system.notify import SystemdNotifier
 from mcrelay.system.paths import ensure_safe_directory, open_lock_file
 
@@ -185,6 +191,7 @@ async def serve(
         table = sup.table
         # Bound before any worker starts: a taken port is a plain error (exit 2), not a group.
         metrics = await open_metrics_listeners(metrics_listen) if metrics_listen else []
+        netlink.probe_socket()  # kept open: looking at interfaces never needs a new descriptor
         fatal = False
         log.info(
             "supervisor %d on %s: %d data workers, %d rules",
@@ -196,7 +203,7 @@ async def serve(
         try:
             async with trio.open_nursery() as nursery:
                 if metrics:
-                    snapshot = partial(supervisor_snapshot, sup.execute)
+                    snapshot = CachedSnapshot(partial(supervisor_snapshot, sup.execute))
                     nursery.start_soon(serve_metrics, metrics, snapshot, name="metrics")
                 nursery.start_soon(notifier.watchdog_loop)  # fed by this loop: a hang stops it
                 nursery.start_soon(_handle_signals, signals, nursery, sup, config_file, notifier)

@@ -9,16 +9,22 @@ kernel never queues a copy of the traffic on them.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import struct
 from pathlib import Path
 
 from mcrelay.dataplane import bpf
+from mcrelay.system import netlink
 
 log = logging.getLogger("mcrelay.supervisor")
 
 _MAX_MEMBERSHIPS_FILE = Path("/proc/sys/net/ipv4/igmp_max_memberships")
+
+
+#: Errors that say the process is short of something, not that this group is wrong.
+SHORTAGES = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 def max_memberships_per_socket() -> int:
@@ -41,10 +47,16 @@ class Memberships:
         self._held: dict[tuple[str, str], tuple[socket.socket, int]] = {}
         self._load: dict[socket.socket, int] = {}
         self._warned: set[tuple[str, str]] = set()
+        self._short: set[str] = set()
 
     @property
     def joined(self) -> set[tuple[str, str]]:
         return set(self._held)
+
+    @property
+    def short(self) -> bool:
+        """Some joins failed for lack of a resource (descriptors, memory) at the last update."""
+        return bool(self._short)
 
     @property
     def socket_count(self) -> int:
@@ -55,16 +67,23 @@ class Memberships:
         for key in set(self._held) - wanted:
             self._leave(key)
         problems: dict[tuple[str, str], str] = {}
+        short: dict[str, int] = {}  # resource errors: one line per cause, not one per group
         for key in sorted(wanted - set(self._held)):
             try:
                 self._join(key)
             except OSError as exc:
                 problems[key] = exc.strerror or str(exc)
-                if key not in self._warned:  # said once; the rule's state shows it meanwhile
+                if exc.errno in SHORTAGES:
+                    short[problems[key]] = short.get(problems[key], 0) + 1
+                elif key not in self._warned:  # said once; the rule's state shows it meanwhile
                     log.warning("cannot join %s on %s: %s", key[1], key[0], problems[key])
                     self._warned.add(key)
             else:
                 self._warned.discard(key)
+        for cause, count in short.items():
+            if cause not in self._short:
+                log.error("cannot join %d groups: %s (retrying)", count, cause)
+        self._short = set(short)
         return problems
 
     def forget(self, interface: str) -> None:
@@ -74,10 +93,9 @@ class Memberships:
 
     def _join(self, key: tuple[str, str]) -> None:
         interface, group = key
-        try:
-            ifindex = socket.if_nametoindex(interface)
-        except OSError:
-            raise OSError(f"no interface {interface!r}") from None
+        ifindex = netlink.interface_index(interface)
+        if ifindex is None:
+            raise OSError(f"no interface {interface!r}")
         sock = self._socket_with_room()
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, _mreqn(group, ifindex))
         self._held[key] = (sock, ifindex)
@@ -100,8 +118,12 @@ class Memberships:
             if self._load[sock] < self._per_socket:
                 return sock
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        bpf.attach(sock, bpf.drop_all())
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        try:
+            bpf.attach(sock, bpf.drop_all())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        except BaseException:
+            sock.close()
+            raise
         self._sockets.append(sock)
         self._load[sock] = 0
         return sock

@@ -17,10 +17,12 @@ import errno
 import ipaddress
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import trio
+import trio.lowlevel
 
 from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
@@ -78,10 +80,22 @@ class _Exposition:
     def __init__(self) -> None:
         self._lines: list[str] = []
 
-    def family(self, name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> None:
-        """One metric family: HELP, TYPE, then all its samples together, as the format wants."""
-        self._lines.append(f"# HELP {name} {_escape_help(help_text)}")
-        self._lines.append(f"# TYPE {name} {kind}")
+    def family(
+        self,
+        name: str,
+        kind: str,
+        help_text: str,
+        samples: Iterable[Sample],
+        *,
+        header: bool = True,
+    ) -> None:
+        """One metric family: HELP, TYPE, then all its samples together, as the format wants.
+
+        ``header=False`` appends more samples to the family just written.
+        """
+        if header:
+            self._lines.append(f"# HELP {name} {_escape_help(help_text)}")
+            self._lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
             if labels:
                 pairs = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in labels.items())
@@ -93,23 +107,25 @@ class _Exposition:
         return "\n".join(self._lines) + "\n"
 
 
-def render_metrics(
+Family = tuple[str, str, str, Iterable[Sample]]
+
+
+def _families(
     workers: Sequence[Mapping[str, Any]],
     stats: Mapping[str, Any],
     rules: Sequence[Mapping[str, Any]],
-) -> str:
-    """Exposition text from the results of ListWorkers, GetStats and ListRules."""
-    out = _Exposition()
+) -> Iterator[Family]:
+    """Every metric family as (name, kind, help, samples), samples generated lazily."""
     stat_rules: list[Mapping[str, Any]] = list(stats.get("rules", ()))
     outputs = [(r["id"], o) for r in stat_rules for o in r.get("outputs", ())]
 
-    out.family(
+    yield (
         "mcrelay_rule_packets_in_total",
         "counter",
         "Datagrams that matched the rule, since the supervisor started.",
         (({"rule": r["id"]}, r["packets_in"]) for r in stat_rules),
     )
-    out.family(
+    yield (
         "mcrelay_rule_bytes_in_total",
         "counter",
         "UDP payload bytes of the datagrams that matched the rule.",
@@ -120,7 +136,7 @@ def render_metrics(
         ("bytes", "bytes", "UDP payload bytes the kernel accepted for this output."),
         ("errors", "errors", "Datagrams whose send the kernel refused for this output."),
     ):
-        out.family(
+        yield (
             f"mcrelay_output_{metric}_total",
             "counter",
             help_text,
@@ -128,25 +144,25 @@ def render_metrics(
         )
     drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
     drops.update(stats.get("drops", {}))
-    out.family(
+    yield (
         "mcrelay_drops_total",
         "counter",
         "Frames a data worker saw and did not relay, by reason.",
         (({"reason": reason}, count) for reason, count in drops.items()),
     )
-    out.family(
+    yield (
         "mcrelay_kernel_drops_total",
         "counter",
         "Frames the kernel dropped because a worker's receive ring was full.",
         [({}, stats.get("kernel_drops", 0))],
     )
-    out.family(
+    yield (
         "mcrelay_worker_restarts_total",
         "counter",
         "Times a new process replaced an earlier one in this worker slot.",
         (({"worker": w["id"], "kind": w["kind"]}, w["restarts"]) for w in workers),
     )
-    out.family(
+    yield (
         "mcrelay_worker_state",
         "gauge",
         "1 for the worker's current state, 0 for the others.",
@@ -156,7 +172,7 @@ def render_metrics(
             for state in _states(WORKER_STATES, w["state"])
         ),
     )
-    out.family(
+    yield (
         "mcrelay_rule_state",
         "gauge",
         "1 for the rule's current state (follows its input interface), 0 for the others.",
@@ -166,7 +182,44 @@ def render_metrics(
             for state in _states(RULE_STATES, r["state"])
         ),
     )
-    out.family("mcrelay_rules", "gauge", "Relay rules in the table.", [({}, len(rules))])
+    yield ("mcrelay_rules", "gauge", "Relay rules in the table.", [({}, len(rules))])
+
+
+def render_metrics(
+    workers: Sequence[Mapping[str, Any]],
+    stats: Mapping[str, Any],
+    rules: Sequence[Mapping[str, Any]],
+) -> str:
+    """Exposition text from the results of ListWorkers, GetStats and ListRules."""
+    out = _Exposition()
+    for name, kind, help_text, samples in _families(workers, stats, rules):
+        out.family(name, kind, help_text, samples)
+    return out.text()
+
+
+#: Samples rendered between two checkpoints, so a large table never holds the event loop (and
+#: with it the workers' heartbeats) for long.
+RENDER_BATCH = 500
+
+
+async def render_metrics_yielding(
+    workers: Sequence[Mapping[str, Any]],
+    stats: Mapping[str, Any],
+    rules: Sequence[Mapping[str, Any]],
+) -> str:
+    """`render_metrics`, with a checkpoint after every `RENDER_BATCH` samples."""
+    out = _Exposition()
+    for name, kind, help_text, samples in _families(workers, stats, rules):
+        batch: list[Sample] = []
+        first = True
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) >= RENDER_BATCH:
+                out.family(name, kind, help_text, batch, header=first)
+                first, batch = False, []
+                await trio.lowlevel.checkpoint()
+        out.family(name, kind, help_text, batch, header=first)
+    await trio.lowlevel.checkpoint()
     return out.text()
 
 
@@ -183,8 +236,34 @@ async def supervisor_snapshot(execute: Callable[[m.ClientRequest], Awaitable[m.R
         if not reply.ok:
             raise McrelayError(f"{type(request).__name__}: {reply.error}")
         results.append(reply.result)
+        await trio.lowlevel.checkpoint()
     workers, stats, rules = results
-    return render_metrics(workers, stats, rules)
+    return await render_metrics_yielding(workers, stats, rules)
+
+
+#: A scrape within this many seconds of the last rendering is answered with that rendering.
+SNAPSHOT_MAX_AGE = 1.0
+
+
+class CachedSnapshot:
+    """Renders at most once per ``max_age`` seconds; scrapes in between, and scrapes that arrive
+    while a rendering is under way, share its text, so N scrapers cost the supervisor one."""
+
+    def __init__(
+        self, render: Callable[[], Awaitable[str]], *, max_age: float = SNAPSHOT_MAX_AGE
+    ) -> None:
+        self._render = render
+        self._max_age = max_age
+        self._text: str | None = None
+        self._rendered_at = -math.inf
+        self._lock = trio.Lock()
+
+    async def __call__(self) -> str:
+        async with self._lock:
+            if self._text is None or trio.current_time() - self._rendered_at >= self._max_age:
+                self._text = await self._render()
+                self._rendered_at = trio.current_time()
+            return self._text
 
 
 # --- listen address -------------------------------------------------------------------------
@@ -243,6 +322,7 @@ _REASONS = {
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 
@@ -256,6 +336,9 @@ class Limits:
     max_head: int = 8192
     #: Connections served at once; more wait, unaccepted, in the listen backlog.
     max_clients: int = 16
+    #: Scrapes served at once; one more is answered 503 at once, so a crowd of scrapers never
+    #: queues work on the supervisor's event loop.
+    max_scrapes: int = 4
     #: How long rendering may take before the scrape gets a 500.
     snapshot_timeout: float = 5.0
     #: After replying, unread client bytes are drained this long so closing does not reset the
@@ -286,9 +369,11 @@ async def serve_metrics(
     try:
         addresses = [_address(listener) for listener in listeners]
         slots = trio.Semaphore(limits.max_clients)
+        scrapes = trio.CapacityLimiter(limits.max_scrapes)
+        serve = partial(serve_connection, snapshot=snapshot, limits=limits, scrapes=scrapes)
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(_accept_loop, listener, slots, snapshot, limits)
+                nursery.start_soon(_accept_loop, listener, slots, serve)
             for host, port in addresses:
                 log.info("metrics on http://%s/metrics", _hostport(host, port))
             task_status.started(addresses)
@@ -309,8 +394,7 @@ def _hostport(host: str, port: int) -> str:
 async def _accept_loop(
     listener: trio.SocketListener,
     slots: trio.Semaphore,
-    snapshot: Callable[[], Awaitable[str]],
-    limits: Limits,
+    serve: Callable[[trio.abc.HalfCloseableStream], Awaitable[None]],
 ) -> None:
     failing = False
     async with trio.open_nursery() as nursery:
@@ -334,17 +418,16 @@ async def _accept_loop(
                 slots.release()
                 raise
             failing = False
-            nursery.start_soon(_client, stream, slots, snapshot, limits)
+            nursery.start_soon(_client, stream, slots, serve)
 
 
 async def _client(
     stream: trio.abc.HalfCloseableStream,
     slots: trio.Semaphore,
-    snapshot: Callable[[], Awaitable[str]],
-    limits: Limits,
+    serve: Callable[[trio.abc.HalfCloseableStream], Awaitable[None]],
 ) -> None:
     try:
-        await serve_connection(stream, snapshot, limits)
+        await serve(stream)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client went away; nothing to tell it
     except Exception:  # a bug serving one scrape must not take the supervisor down
@@ -358,32 +441,50 @@ async def serve_connection(
     stream: trio.abc.HalfCloseableStream,
     snapshot: Callable[[], Awaitable[str]],
     limits: Limits = Limits(),
+    scrapes: trio.CapacityLimiter | None = None,
 ) -> None:
-    """Read one request from ``stream`` and write one reply; the caller closes the stream."""
+    """Read one request from ``stream`` and write one reply; the caller closes the stream.
+
+    ``scrapes`` caps concurrent scrapes across connections (a private one of
+    ``limits.max_scrapes`` when not given); a scrape over the cap is answered 503 at once.
+    """
+    if scrapes is None:
+        scrapes = trio.CapacityLimiter(limits.max_scrapes)
     status, head_only, body = 200, False, b""
+    holding = False
     try:
-        with trio.fail_after(limits.read_timeout):
-            method, path = parse_request_line(await _read_head(stream, limits.max_head))
-        head_only = method == "HEAD"
-        if path != "/metrics":
-            status = 404
-        elif method not in ("GET", "HEAD"):
-            status = 405
-        else:
-            try:
-                with trio.fail_after(limits.snapshot_timeout):
-                    body = (await snapshot()).encode()
-            except Exception:  # a failed scrape is a 500, never a dead endpoint
-                log.exception("metrics: rendering failed")
-                status = 500
-    except _BadRequest as exc:
-        status = exc.status
-    except trio.TooSlowError:
-        status = 408
-    if status != 200:
-        body = f"{status} {_REASONS[status]}\n".encode()
-    with trio.move_on_after(limits.write_timeout) as sending:
-        await stream.send_all(_response(status, body, head_only=head_only))
+        try:
+            with trio.fail_after(limits.read_timeout):
+                method, path = parse_request_line(await _read_head(stream, limits.max_head))
+            head_only = method == "HEAD"
+            if path != "/metrics":
+                status = 404
+            elif method not in ("GET", "HEAD"):
+                status = 405
+            else:
+                try:
+                    scrapes.acquire_nowait()
+                    holding = True
+                except trio.WouldBlock:
+                    status = 503
+                else:
+                    try:
+                        with trio.fail_after(limits.snapshot_timeout):
+                            body = (await snapshot()).encode()
+                    except Exception:  # a failed scrape is a 500, never a dead endpoint
+                        log.exception("metrics: rendering failed")
+                        status = 500
+        except _BadRequest as exc:
+            status = exc.status
+        except trio.TooSlowError:
+            status = 408
+        if status != 200:
+            body = f"{status} {_REASONS[status]}\n".encode()
+        with trio.move_on_after(limits.write_timeout) as sending:
+            await stream.send_all(_response(status, body, head_only=head_only))
+    finally:
+        if holding:
+            scrapes.release()
     if sending.cancelled_caught:
         return  # it does not read: nothing more to wait for
     with trio.move_on_after(limits.linger):

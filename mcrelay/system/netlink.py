@@ -22,6 +22,7 @@ IFLA_IFNAME = 3
 IFF_UP = 0x1
 IFF_RUNNING = 0x40
 SIOCGIFFLAGS = 0x8913
+SIOCGIFINDEX = 0x8933
 
 NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
@@ -34,15 +35,45 @@ class LinkState(enum.StrEnum):
     UP = "up"
 
 
+_probe: socket.socket | None = None
+
+
+def probe_socket() -> socket.socket:
+    """The one socket interface ioctls go through, opened once and kept.
+
+    A socket per look (as ``if_nametoindex`` opens inside libc) fails with EMFILE when the
+    process is out of descriptors, and that failure looked like "no such interface"; the kept
+    socket costs one descriptor for the life of the process and makes every look free. Call it
+    at start so it exists before descriptors can run short; failing to open it is an OSError
+    naming the cause, never "absent".
+    """
+    global _probe
+    if _probe is None:
+        _probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    return _probe
+
+
+def _ifreq(name: str, request: int, fmt: str) -> int | None:
+    encoded = name.encode()
+    if not encoded or len(encoded) >= 16 or b"\0" in encoded:
+        return None
+    probe = probe_socket()
+    try:
+        ifreq = fcntl.ioctl(probe, request, struct.pack(f"16s{fmt}", encoded, 0))
+    except OSError:
+        return None
+    (value,) = struct.unpack_from(fmt, ifreq, 16)
+    return int(value)
+
+
+def interface_index(name: str) -> int | None:
+    """The interface's index, or None when there is no such interface."""
+    return _ifreq(name, SIOCGIFINDEX, "i20x")
+
+
 def interface_flags(name: str) -> int | None:
     """The interface's IFF_* flags, or None when there is no such interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            ifreq = fcntl.ioctl(probe, SIOCGIFFLAGS, struct.pack("16sH14x", name.encode(), 0))
-        except OSError:
-            return None
-    (flags,) = struct.unpack_from("H", ifreq, 16)
-    return int(flags)
+    return _ifreq(name, SIOCGIFFLAGS, "H22x")
 
 
 def link_state(name: str) -> LinkState:
@@ -64,9 +95,8 @@ class Link(NamedTuple):
 
 def link(name: str) -> Link:
     """The interface's state and index now."""
-    try:
-        ifindex = socket.if_nametoindex(name)
-    except OSError:
+    ifindex = interface_index(name)
+    if ifindex is None:
         return Link(LinkState.ABSENT, 0)
     state = link_state(name)
     return Link(state, 0 if state is LinkState.ABSENT else ifindex)

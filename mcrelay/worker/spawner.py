@@ -152,8 +152,14 @@ class Spawner:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 raise
-            # The child asks for its channel only once its privileges are gone.
-            socket.send_fds(ours, [b"c"], [channel_fd])
+            try:
+                # The child asks for its channel only once its privileges are gone.
+                socket.send_fds(ours, [b"c"], [channel_fd])
+            except OSError:  # a failed start, never a child nobody watches
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                os.close(pidfd)
+                raise
         return pid, pidfd
 
     def _child(self, request: sp.Spawn, handoff: int, spawner_pid: int) -> int:

@@ -179,3 +179,54 @@ def test_top_waits_for_a_daemon_that_is_down(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=5) == 0
     assert "no daemon on" in out.read_text()
+
+
+SCRAPERS, SCRAPES_EACH, BIG_TABLE = 16, 4, 3000
+
+
+async def _scrape_crowd(port: int) -> list[bytes]:
+    replies: list[bytes] = []
+
+    async def scraper() -> None:
+        for _ in range(SCRAPES_EACH):
+            replies.append(await trio_get(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(SCRAPERS):
+                nursery.start_soon(scraper)
+    return replies
+
+
+def test_a_crowd_of_scrapes_of_a_large_table_leaves_workers_running(tmp_path: Path) -> None:
+    """16 clients scraping a 3,000-rule table at once: every reply is the full exposition (200)
+    or an immediate 503, and no worker is taken for hung (same pids, no restarts)."""
+    rule = '[[rule]]\ninput-interface = "in0"\ninput-group = "239.1.{a}.{b}"\ninput-port = 5000\n'
+    rule += 'outputs = ["239.2.2.2:5000:out0", "239.2.2.3:5000:out1"]\n'
+    conf = tmp_path / "big.toml"
+    conf.write_text("\n".join(rule.format(a=n // 250, b=n % 250 + 1) for n in range(BIG_TABLE)))
+    port = free_port()
+    with daemon(
+        tmp_path, "--num-workers", "2", "--heartbeat-timeout", "1", "--config", str(conf),
+        "--metrics-listen",
+        f"127.0.0.1:{port}",
+    ) as d:  # fmt: skip
+        before = d.wait_running(timeout=30)
+        replies = trio.run(_scrape_crowd, port)
+        after = d.workers()
+    statuses = [reply.split(b"\r\n", 1)[0] for reply in replies]
+    assert len(replies) == SCRAPERS * SCRAPES_EACH
+    full = 0
+    for reply, status in zip(replies, statuses, strict=True):
+        head, _, body = reply.partition(b"\r\n\r\n")
+        if status == b"HTTP/1.0 503 Service Unavailable":
+            continue
+        assert status == b"HTTP/1.0 200 OK", reply[:300]
+        assert f"Content-Length: {len(body)}".encode() in head
+        assert f"\nmcrelay_rules {BIG_TABLE}\n".encode() in body
+        full += 1
+    assert full >= SCRAPES_EACH  # the cap lets scrapes through, not only refusals
+    print(f"{full} of {len(replies)} scrapes got 200, the others 503")
+    for wid, w in after.items():
+        assert w["state"] == "running", (wid, w)
+        assert (w["pid"], w["restarts"]) == (before[wid]["pid"], 0), (wid, w)
