@@ -339,7 +339,7 @@ def workers(socket: SocketOpt = DEFAULT_CONTROL_SOCKET, as_json: JsonOpt = False
     if as_json:
         _print_json(result)
         return
-    headers = ["ID", "KIND", "PID", "STATE", "RESTARTS", "RULES", "BACKOFF"]
+    headers = ["ID", "KIND", "PID", "STATE", "RESTARTS", "RULES", "BACKOFF", "FAILED"]
     rows = [
         [
             w["id"],
@@ -349,6 +349,7 @@ def workers(socket: SocketOpt = DEFAULT_CONTROL_SOCKET, as_json: JsonOpt = False
             w["restarts"],
             w["rules"],
             None if w["backoff_remaining_s"] is None else f"{w['backoff_remaining_s']:.2f}s",
+            w.get("failed_rules"),
         ]
         for w in result
     ]
@@ -413,6 +414,9 @@ def list_rules(socket: SocketOpt = DEFAULT_CONTROL_SOCKET, as_json: JsonOpt = Fa
         where = f"{inp['group']}:{inp['port']} on {inp['interface']}{source}"
         rows.append([r["id"], r["state"], where, outs])
     _table(["ID", "STATE", "INPUT", "OUTPUTS"], rows)
+    for r in result:
+        if r.get("reason"):
+            typer.echo(f"{r['id']} is {r['state']}: {r['reason']}")
 
 
 @app.command()

@@ -50,7 +50,7 @@ def parse(text: str, source: str = "<config>") -> tuple[Rule, ...]:
     entries = doc.get("rule", [])
     if not isinstance(entries, list):
         raise ConfigError(f"{source}: 'rule' must be an array of tables ([[rule]])")
-    lines = [text.count("\n", 0, m.start()) + 1 for m in _RULE_HEADER.finditer(text)]
+    lines = _header_lines(text)
     result: list[Rule] = []
     ids: set[str] = set()
     inputs: dict[tuple[str, str, int, str | None], str] = {}
@@ -73,6 +73,16 @@ def parse(text: str, source: str = "<config>") -> tuple[Rule, ...]:
         inputs[rule.match_key] = rule.id
         result.append(rule)
     return tuple(result)
+
+
+def _header_lines(text: str) -> list[int]:
+    """Line number of each ``[[rule]]`` header, counting newlines once (linear in the file)."""
+    lines, line, pos = [], 1, 0
+    for match in _RULE_HEADER.finditer(text):
+        line += text.count("\n", pos, match.start())
+        pos = match.start()
+        lines.append(line)
+    return lines
 
 
 def load(path: Path) -> tuple[Rule, ...]:

@@ -181,7 +181,8 @@ def check(
 ) -> tuple[list[Rule], dict[str, tuple[Rule, str]]]:
     """Split ``rules`` into those the policy allows and those it refuses (with the reason).
 
-    The host's addresses are read at most once per call, and only if a rule needs them.
+    The host's addresses are read at most once per call, and only if a rule needs them; each
+    interface is looked up once.
     """
     cached: list[Collection[ipaddress.IPv4Address]] = []
 
@@ -190,10 +191,17 @@ def check(
             cached.append(host_addresses())
         return cached[0]
 
+    loopback: dict[str, bool] = {}
+
+    def is_loopback_once(interface: str) -> bool:
+        if interface not in loopback:
+            loopback[interface] = is_loopback(interface)
+        return loopback[interface]
+
     allowed: list[Rule] = []
     refused: dict[str, tuple[Rule, str]] = {}
     for rule in rules:
-        reason = policy.refusal(rule, host_addresses=addresses, is_loopback=is_loopback)
+        reason = policy.refusal(rule, host_addresses=addresses, is_loopback=is_loopback_once)
         if reason is None:
             allowed.append(rule)
         else:

@@ -7,8 +7,8 @@ untrusted input), the supervisor's rule table and the data-plane workers (which 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
+import socket
 from collections.abc import Iterable
 
 import msgspec
@@ -19,11 +19,15 @@ from mcrelay.errors import RuleError
 #: few routers.
 DEFAULT_TTL = 16
 MAX_OUTPUTS = 64
+#: Largest rule table, and most outputs over all its rules: a change past either is refused.
+#: A full table then stays a few MiB on every channel (rule sync, `rules`, `stats`).
+MAX_RULES = 20_000
+MAX_TABLE_OUTPUTS = 200_000
 # fullmatch, not "$" (which also matches before a trailing newline); interface names exclude
 # whitespace, '/', ':' and control characters such as NUL, which the kernel cannot take.
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _IFNAME_RE = re.compile(r"[^\s/:\x00-\x1f\x7f]{1,15}")
-_LINK_LOCAL = ipaddress.IPv4Network("224.0.0.0/24")
+_LINK_LOCAL_PREFIX = 0xE00000  # 224.0.0.0/24, as the top 24 bits of an address
 
 
 class RuleInput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -62,19 +66,21 @@ def default_rule_id(interface: str, group: str, port: int, source: str | None = 
     return "r-" + hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _address(text: str, what: str) -> ipaddress.IPv4Address:
+def _address(text: str, what: str) -> int:
+    """The address as an integer (inet_pton: a strict dotted quad, and ~20x faster than
+    ipaddress, which matters for the 100,000 addresses of a large table)."""
     try:
-        addr = ipaddress.IPv4Address(text)
-    except ValueError:
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except (OSError, TypeError):
         raise RuleError(f"{what}: {text!r} is not an IPv4 address") from None
-    if addr.is_unspecified or addr == ipaddress.IPv4Address("255.255.255.255"):
+    if value in (0, 0xFFFFFFFF):
         raise RuleError(f"{what}: {text} cannot be relayed")
-    if addr in _LINK_LOCAL:
+    if value >> 8 == _LINK_LOCAL_PREFIX:
         raise RuleError(
             f"{what}: {text} is a link-local group (224.0.0.0/24), which routers never forward "
             "and mcrelay never relays"
         )
-    return addr
+    return value
 
 
 def _port(value: int, what: str) -> None:
@@ -98,10 +104,8 @@ def validate(rule: Rule) -> Rule:
     _interface(inp.interface, "input interface")
     _address(inp.group, "input group")
     _port(inp.port, "input")
-    if inp.source is not None:
-        source = _address(inp.source, "input source")
-        if source.is_multicast:
-            raise RuleError(f"input source: {inp.source} is a multicast address")
+    if inp.source is not None and _address(inp.source, "input source") >> 28 == 0xE:
+        raise RuleError(f"input source: {inp.source} is a multicast address")
     if not rule.outputs:
         raise RuleError("a rule needs at least one output")
     if len(rule.outputs) > MAX_OUTPUTS:

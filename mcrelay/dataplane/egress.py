@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import ipaddress
 import socket
 import struct
 from array import array
@@ -170,14 +169,17 @@ class Destination:
     __slots__ = ("_sockaddr", "address", "host", "port")
 
     def __init__(self, host: str, port: int) -> None:
-        addr = ipaddress.IPv4Address(host)
+        try:
+            packed = socket.inet_pton(socket.AF_INET, host)  # strict dotted quad, in C
+        except OSError:
+            raise ValueError(f"{host!r} is not an IPv4 address") from None
         if not 0 < port < 0x10000:
             raise ValueError(f"port must be 1..65535, got {port}")
-        self.host = str(addr)
+        self.host = host
         self.port = port
         sa = _SockaddrIn()
         sa.sin_family = socket.AF_INET
-        ctypes.memmove(ctypes.addressof(sa) + 2, port.to_bytes(2, "big") + addr.packed, 6)
+        ctypes.memmove(ctypes.addressof(sa) + 2, port.to_bytes(2, "big") + packed, 6)
         self._sockaddr = sa
         self.address = ctypes.addressof(sa)  # what msg_name points to
 

@@ -21,10 +21,21 @@ import trio
 from mcrelay.errors import ChannelClosed, ProtocolError
 
 HEADER = struct.Struct("!I")
-#: Largest frame on a supervisor↔worker channel (a full rule sync of ~50k rules fits).
+#: Set in a frame's length prefix when the frame is one fragment of a larger message and more
+#: fragments follow; the length itself is in the low 31 bits.
+MORE_FRAGMENTS = 1 << 31
+#: Messages larger than this travel as several frames of at most this size, so no frame a
+#: sender makes exceeds any receiver's frame limit (the smallest is a client's).
+FRAGMENT_SIZE = 1024 * 1024
+#: Largest frame on a supervisor↔worker channel.
 MAX_FRAME_SIZE = 8 * 1024 * 1024
+#: Largest message (all its fragments) on a supervisor↔worker channel or from the daemon to a
+#: client: far above the largest rule table (`mcrelay.rules.MAX_RULES`) and its counters.
+MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 #: Largest frame a control-socket client may send; larger ones close the connection.
-MAX_CLIENT_FRAME_SIZE = 1024 * 1024
+MAX_CLIENT_FRAME_SIZE = FRAGMENT_SIZE
+#: Largest message a client may send: room for a whole table in one ``config load``.
+MAX_CLIENT_MESSAGE_SIZE = 32 * 1024 * 1024
 _MAX_FDS_PER_READ = 64
 _READ_SIZE = 256 * 1024
 
@@ -34,9 +45,17 @@ _encoder = msgspec.msgpack.Encoder()
 
 
 def encode(message: object) -> bytes:
-    """One frame: length prefix + msgpack body."""
+    """The frames of one message: length prefix + msgpack body, split into fragments of at
+    most FRAGMENT_SIZE when it is larger."""
     body = _encoder.encode(message)
-    return HEADER.pack(len(body)) + body
+    if len(body) <= FRAGMENT_SIZE:
+        return HEADER.pack(len(body)) + body
+    frames: list[bytes] = []
+    for start in range(0, len(body), FRAGMENT_SIZE):
+        piece = body[start : start + FRAGMENT_SIZE]
+        more = MORE_FRAGMENTS if start + FRAGMENT_SIZE < len(body) else 0
+        frames += (HEADER.pack(len(piece) | more), piece)
+    return b"".join(frames)
 
 
 class FrameChannel:
@@ -52,6 +71,7 @@ class FrameChannel:
         decoder_type: type[T] | Any,
         *,
         max_frame: int = MAX_FRAME_SIZE,
+        max_message: int = MAX_MESSAGE_SIZE,
         accept_fds: bool = True,
     ) -> None:
         self._sock = sock
@@ -59,7 +79,11 @@ class FrameChannel:
         self._accept_fds = accept_fds
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(decoder_type)
         self._max_frame = max_frame
+        self._max_message = max_message
         self._buf = bytearray()
+        #: Fragments of a message whose last frame has not arrived yet.
+        self._fragments: list[bytes] = []
+        self._fragments_size = 0
         self._fds: collections.deque[int] = collections.deque()
         self._send_lock = trio.Lock()
         #: A send was interrupted mid-frame: the peer can no longer find frame boundaries.
@@ -101,22 +125,39 @@ class FrameChannel:
     async def receive(self) -> Any:
         """Next decoded message; ProtocolError for bytes that are not a valid frame."""
         while True:
+            body = await self._next_frame()
+            if self._fragments:
+                self._fragments.append(body)
+                body = b"".join(self._fragments)
+                self._fragments, self._fragments_size = [], 0
+            try:
+                return self._decoder.decode(body)
+            except msgspec.ValidationError as exc:
+                raise ProtocolError(f"invalid message: {exc}") from exc
+            except msgspec.DecodeError as exc:
+                raise ProtocolError(f"undecodable frame: {exc}") from exc
+            except RecursionError:  # msgspec skipping a deeply nested unknown value
+                raise ProtocolError("undecodable frame: nested too deeply") from None
+
+    async def _next_frame(self) -> bytes:
+        """The body of the next frame that ends a message; fragments before it are kept."""
+        while True:
             if len(self._buf) >= HEADER.size:
-                (length,) = HEADER.unpack_from(self._buf)
+                (prefix,) = HEADER.unpack_from(self._buf)
+                length = prefix & ~MORE_FRAGMENTS
                 if length > self._max_frame:
                     raise ProtocolError(f"frame of {length} bytes exceeds limit {self._max_frame}")
+                if self._fragments_size + length > self._max_message:
+                    raise ProtocolError(f"message exceeds limit {self._max_message} bytes")
                 end = HEADER.size + length
                 if len(self._buf) >= end:
                     body = bytes(self._buf[HEADER.size : end])
                     del self._buf[:end]
-                    try:
-                        return self._decoder.decode(body)
-                    except msgspec.ValidationError as exc:
-                        raise ProtocolError(f"invalid message: {exc}") from exc
-                    except msgspec.DecodeError as exc:
-                        raise ProtocolError(f"undecodable frame: {exc}") from exc
-                    except RecursionError:  # msgspec skipping a deeply nested unknown value
-                        raise ProtocolError("undecodable frame: nested too deeply") from None
+                    if not prefix & MORE_FRAGMENTS:
+                        return body
+                    self._fragments.append(body)
+                    self._fragments_size += length
+                    continue
             await self._fill()
 
     async def _fill(self) -> None:

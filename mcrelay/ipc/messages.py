@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from mcrelay.rules import Rule
+from mcrelay.rules import MAX_RULES, Rule
 
 PROTOCOL_VERSION = 1
 
@@ -24,6 +24,11 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 #: Drop reasons a data worker may report (its labels are short words, such as ``no_rule``).
 DropReason = Annotated[str, msgspec.Meta(max_length=32)]
 MAX_DROP_REASONS = 64
+
+#: Why a worker could not install a rule (an exception's text, cut to this length).
+MAX_REASON_LENGTH = 200
+FailureReason = Annotated[str, msgspec.Meta(max_length=MAX_REASON_LENGTH)]
+RuleId = Annotated[str, msgspec.Meta(max_length=64)]
 
 WorkerKind = Literal["control", "data"]
 Role = Literal["supervisor", "control", "data", "client"]
@@ -68,6 +73,8 @@ class RuleAck(_Msg, tag="rule-ack"):
     seq: Count
     count: Count
     digest: Annotated[str, msgspec.Meta(max_length=128)]
+    #: Rules held (and digested) but not installed, with why; the worker relays the others.
+    failed: Annotated[dict[RuleId, FailureReason], msgspec.Meta(max_length=MAX_RULES)] = {}
 
 
 class SetLogLevel(_Msg, tag="log-level"):

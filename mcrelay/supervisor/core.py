@@ -10,8 +10,9 @@ import ipaddress
 import logging
 import math
 import os
+import resource
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import trio
@@ -21,7 +22,9 @@ from mcrelay import policy
 from mcrelay.errors import McrelayError, ProtocolError, RuleError
 from mcrelay.ipc import messages as m
 from mcrelay.rules import Rule
+from mcrelay.supervisor import costs
 from mcrelay.supervisor.launcher import Launcher, WorkerSpec
+from mcrelay.supervisor.memberships import max_memberships_per_socket
 from mcrelay.supervisor.persistence import RuleStore, StateNotDurable
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
@@ -30,9 +33,11 @@ from mcrelay.supervisor.states import WorkerState
 from mcrelay.supervisor.stats import StatsBook
 from mcrelay.system.addresses import host_addresses, is_loopback_interface
 from mcrelay.system.logs import LOG_LEVELS, set_log_level
+from mcrelay.system.netlink import interface_exists
 from mcrelay.worker.control import REQUEST_TIMEOUT
 
 log = logging.getLogger("mcrelay.supervisor")
+T = TypeVar("T")
 
 #: A client's rule change that cannot begin within this long after it arrived (other changes
 #: hold the table) is refused and never made. Once begun, a change is finished everywhere
@@ -107,6 +112,7 @@ class Supervisor:
         store: RuleStore | None = None,
         host_addresses: Callable[[], Collection[ipaddress.IPv4Address]] = host_addresses,
         is_loopback: Callable[[str], bool] = is_loopback_interface,
+        interface_exists: Callable[[str], bool] = interface_exists,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -115,6 +121,7 @@ class Supervisor:
         self.refused: dict[str, tuple[Rule, str]] = {}
         self._host_addresses = host_addresses
         self._is_loopback = is_loopback
+        self._interface_exists = interface_exists
         self.dataplane: DataPlane = dataplane or NoDataPlane()
         self.stats = StatsBook()
         self.log_level = trio_util.AsyncValue(settings.log_level)
@@ -178,6 +185,20 @@ class Supervisor:
         self.table.replace(allowed)
         for _, reason in self.refused.values():
             log.warning("%s; it stays listed as refused and is not installed", reason)
+        try:
+            self._check_cost()
+        except RuleError as exc:  # root's own rules: kept, and what does not fit is degraded
+            log.warning("%s", str(exc).replace(": nothing changed", ""))
+
+    def _check_cost(self) -> None:
+        """RuleError, in one sentence naming the limit, if the table costs more than it may."""
+        cost = costs.price(
+            self.table.rules,
+            data_workers=len(self.data_slots),
+            memberships_per_socket=max_memberships_per_socket(),
+            interface_exists=self._interface_exists,
+        )
+        costs.check(cost, open_file_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
     def saved_rules(self) -> tuple[Rule, ...]:
         """What the state file holds: the table and the refused rules, by id."""
@@ -216,10 +237,12 @@ class Supervisor:
         """Make the rule set ``rules`` (see `_change`). From a client (``keep_refused`` false) a
         rule the policy refuses fails the whole change; from root's config file it is kept as
         refused."""
+        # Checking a large set is pure work on immutable rules: done off the event loop, so
+        # heartbeats and other clients are served meanwhile.
         if keep_refused:
-            allowed, refused = self._split(rules)
+            allowed, refused = await _off_loop(self._split, rules)
         else:
-            self._admit(rules)
+            await _off_loop(self._admit, rules)
             allowed, refused = list(rules), {}
         before = self.refused
 
@@ -265,6 +288,11 @@ class Supervisor:
         try:
             before = self.table.snapshot()
             update = change()
+            try:
+                self._check_cost()
+            except RuleError:
+                self.table.restore(before)
+                raise
             warning = None
             if self.store is not None:
                 try:
@@ -297,6 +325,30 @@ class Supervisor:
             for slot in sent:
                 await slot.acked_seq.wait_value(lambda v: v >= update.seq)
 
+    def _note_failures(self, slot: WorkerSlot, failed: dict[str, str]) -> None:
+        """Keep what a worker could not install (only rules in the table: a worker's word is
+        bounded by it), and say so once per rule and reason."""
+        by_id = self.table.by_id
+        now = {rule_id: reason for rule_id, reason in failed.items() if rule_id in by_id}
+        for rule_id, reason in now.items():
+            if slot.failed_rules.get(rule_id) != reason:
+                log.error("worker %s cannot install rule %s: %s", slot.id, rule_id, reason)
+        for rule_id in slot.failed_rules.keys() - now.keys():
+            if rule_id in by_id:
+                log.info("worker %s installed rule %s", slot.id, rule_id)
+        slot.failed_rules = now
+
+    def rule_state(self, rule: Rule) -> tuple[str, str | None]:
+        """A rule's state and, when ``failed``, why (which workers could not install it)."""
+        reasons = [
+            f"{slot.id}: {slot.failed_rules[rule.id]}"
+            for slot in self.data_slots
+            if rule.id in slot.failed_rules
+        ]
+        if reasons:
+            return "failed", "; ".join(reasons)
+        return self.dataplane.rule_state(rule), None
+
     async def on_ack(self, slot: WorkerSlot, ack: m.RuleAck) -> None:
         """Check a worker's acknowledgement against the table; resync it when it disagrees.
 
@@ -309,6 +361,7 @@ class Supervisor:
             slot.resyncs.count = 0
             slot.rule_count = ack.count
             slot.rule_digest = ack.digest
+            self._note_failures(slot, ack.failed)
             if ack.seq > slot.acked_seq.value:
                 slot.acked_seq.value = ack.seq
             return
@@ -359,13 +412,9 @@ class Supervisor:
             case m.ListWorkers():
                 return [slot.describe() for slot in self.slots.values()]
             case m.ListRules():
-                listed = [
-                    {**msgspec.to_builtins(rule), "state": self.dataplane.rule_state(rule)}
-                    for rule in self.table.rules
-                ]
+                listed = [_listed(rule, *self.rule_state(rule)) for rule in self.table.rules]
                 listed += [
-                    {**msgspec.to_builtins(rule), "state": "refused", "reason": reason}
-                    for rule, reason in self.refused.values()
+                    _listed(rule, "refused", reason) for rule, reason in self.refused.values()
                 ]
                 return sorted(listed, key=lambda r: str(r["id"]))
             case m.AddRule(rule=rule):
@@ -427,6 +476,18 @@ class Supervisor:
         await send_each(list(self.slots.values()), m.SetLogLevel(level=level))
 
 
+#: Rule sets up to this size are checked on the event loop: ~0.3 s at most, well inside a
+#: heartbeat timeout, and deterministic under the harness's fake clock (which jumps while a
+#: thread runs). Larger ones (~0.8 s for 10,000 rules) are checked in a thread.
+_OFF_LOOP_FROM = 4096
+
+
+async def _off_loop(check: Callable[[tuple[Rule, ...]], T], rules: tuple[Rule, ...]) -> T:
+    if len(rules) < _OFF_LOOP_FROM:
+        return check(rules)
+    return await trio.to_thread.run_sync(check, rules)
+
+
 async def send_each(slots: list[WorkerSlot], message: object) -> list[WorkerSlot]:
     """Send to every live worker at once (a stuck one costs its deadline, not the others'
     turns); the slots that took it."""
@@ -440,6 +501,14 @@ async def send_each(slots: list[WorkerSlot], message: object) -> list[WorkerSlot
         for slot in slots:
             nursery.start_soon(one, slot)
     return took
+
+
+def _listed(rule: Rule, state: str, reason: str | None) -> dict[str, Any]:
+    """A rule as ``rules`` lists it: its fields, its state, and why when it is not relayed."""
+    entry: dict[str, Any] = {**msgspec.to_builtins(rule), "state": state}
+    if reason is not None:
+        entry["reason"] = reason
+    return entry
 
 
 def _warned(result: dict[str, Any], warning: str | None) -> dict[str, Any]:

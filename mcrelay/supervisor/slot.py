@@ -114,6 +114,8 @@ class WorkerSlot:
         self.incarnation = 0
         #: Digest of the rule set the worker last acknowledged (data workers).
         self.rule_digest: str | None = None
+        #: Rules the worker holds but could not install (rule id → why), from its last ack.
+        self.failed_rules: dict[str, str] = {}
         self.resyncs = ResyncBudget()
 
     @property
@@ -137,6 +139,7 @@ class WorkerSlot:
             "restarts": self.restarts,
             "rules": self.rule_count if self.spec.kind == "data" else None,
             "digest": self.rule_digest if self.spec.kind == "data" else None,
+            "failed_rules": len(self.failed_rules) if self.spec.kind == "data" else None,
             "backoff_remaining_s": remaining,
             "recent_failures": self.intensity.recent(trio.current_time()),
         }
@@ -327,6 +330,7 @@ class WorkerSlot:
         self.channel_ready = False
         self._hb_acked = trio_util.AsyncValue(0)
         self.rule_digest = None
+        self.failed_rules = {}
         self.resyncs = ResyncBudget()
         try:
             launched = await self._launcher.launch(self.spec)

@@ -71,6 +71,10 @@ def interface_index(name: str) -> int | None:
     return _ifreq(name, SIOCGIFINDEX, "i20x")
 
 
+def interface_exists(name: str) -> bool:
+    return interface_index(name) is not None
+
+
 def interface_flags(name: str) -> int | None:
     """The interface's IFF_* flags, or None when there is no such interface."""
     return _ifreq(name, SIOCGIFFLAGS, "H22x")

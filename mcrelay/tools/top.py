@@ -46,7 +46,13 @@ WORKER_STYLES = {
     "exited": "dim",
     "fatal": "bold red",
 }
-RULE_STYLES = {"active": "green", "paused": "yellow", "unresolved": "red", "refused": "magenta"}
+RULE_STYLES = {
+    "active": "green",
+    "paused": "yellow",
+    "unresolved": "red",
+    "refused": "magenta",
+    "failed": "red",
+}
 
 
 @dataclasses.dataclass(frozen=True)

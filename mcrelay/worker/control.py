@@ -20,7 +20,7 @@ import trio_util
 from mcrelay import rules
 from mcrelay.errors import ChannelClosed, McrelayError, ProtocolError
 from mcrelay.ipc import messages as m
-from mcrelay.ipc.framing import MAX_CLIENT_FRAME_SIZE, FrameChannel
+from mcrelay.ipc.framing import MAX_CLIENT_FRAME_SIZE, MAX_CLIENT_MESSAGE_SIZE, FrameChannel
 from mcrelay.system.logs import LOG_LEVELS
 from mcrelay.system.peers import Role, denied, peer_credentials, request_refusal, role_of
 
@@ -142,7 +142,11 @@ class ControlWorker:
 
     async def _client(self, conn: trio.socket.SocketType, pid: int, uid: int, gid: int) -> None:
         channel = FrameChannel(
-            conn, m.ClientToServer, max_frame=MAX_CLIENT_FRAME_SIZE, accept_fds=False
+            conn,
+            m.ClientToServer,
+            max_frame=MAX_CLIENT_FRAME_SIZE,
+            max_message=MAX_CLIENT_MESSAGE_SIZE,
+            accept_fds=False,
         )
         try:
             role = role_of(

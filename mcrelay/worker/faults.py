@@ -3,8 +3,9 @@
 When PATH exists as a worker starts, each line ``KIND:FAULT`` applies to workers of that kind:
 ``crash-on-start`` (exit at once with status 3) or ``hang`` (stop answering heartbeats); data
 workers also take what a broken or compromised worker could say: ``bad-digest`` (acknowledge
-every rule set with a wrong digest), ``stats-overflow`` (report a counter of 2^64 − 1) and
-``send-fd`` (pass a descriptor with its counters). The
+every rule set with a wrong digest), ``stats-overflow`` (report a counter of 2^64 − 1),
+``send-fd`` (pass a descriptor with its counters) and ``install-fail`` (fail to install every
+rule whose id starts with ``fail``, as any exception in one rule's installation would). The
 supervisor reads the file when it spawns a worker and passes the faults on its command line.
 ``supervisor:state-dir-fsync`` makes the supervisor's sync of its state directory fail (after
 the rule file was renamed into place), read at every save; ``supervisor:state-write`` makes its
@@ -24,6 +25,7 @@ KNOWN_FAULTS = frozenset(
         "bad-digest",
         "stats-overflow",
         "send-fd",
+        "install-fail",
         "state-dir-fsync",
         "state-write",
     }

@@ -121,6 +121,7 @@ def test_workers_table_and_json(relay: Daemon) -> None:
         "RESTARTS",
         "RULES",
         "BACKOFF",
+        "FAILED",
     ]
 
 

@@ -12,7 +12,7 @@ import trio
 
 from mcrelay.errors import ChannelClosed, ProtocolError
 from mcrelay.ipc import messages as m
-from mcrelay.ipc.framing import FrameChannel, encode
+from mcrelay.ipc.framing import FRAGMENT_SIZE, MORE_FRAGMENTS, FrameChannel, encode
 
 
 @contextlib.contextmanager
@@ -98,6 +98,42 @@ async def test_send_cancelled_before_any_byte_keeps_the_channel(
             await sender.send(m.Heartbeat(n=1))
         await sender.send(m.Heartbeat(n=2))
         assert await receiver.receive() == m.Heartbeat(n=2)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+async def test_a_message_larger_than_a_fragment_goes_as_several_frames() -> None:
+    """Rule syncs and replies of many MiB are split into FRAGMENT_SIZE frames and joined again,
+    so no single frame ever approaches the frame limit; descriptors and order are kept."""
+    a, b = trio.socket.socketpair()
+    sender = FrameChannel(a, bytes)
+    receiver = FrameChannel(b, bytes, max_frame=FRAGMENT_SIZE)
+    big = os.urandom(3 * FRAGMENT_SIZE + 17)
+    frames = encode(big)
+    (first,) = struct.unpack_from("!I", frames)
+    assert first & MORE_FRAGMENTS and first & ~MORE_FRAGMENTS == FRAGMENT_SIZE
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.send, big)
+            assert await receiver.receive() == big
+        await sender.send(b"small")
+        assert await receiver.receive() == b"small"
+    finally:
+        sender.close()
+        receiver.close()
+
+
+async def test_a_message_over_the_message_limit_is_refused_while_it_arrives() -> None:
+    a, b = trio.socket.socketpair()
+    sender = FrameChannel(a, bytes)
+    receiver = FrameChannel(b, bytes, max_message=2 * FRAGMENT_SIZE)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.send, bytes(5 * FRAGMENT_SIZE))
+            with pytest.raises(ProtocolError, match="message exceeds limit"):
+                await receiver.receive()
+            nursery.cancel_scope.cancel()
     finally:
         sender.close()
         receiver.close()

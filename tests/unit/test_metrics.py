@@ -125,6 +125,7 @@ def test_worker_and_rule_states_are_one_hot() -> None:
         'mcrelay_rule_state{rule="cam2",state="paused"} 1',
         'mcrelay_rule_state{rule="cam2",state="unresolved"} 0',
         'mcrelay_rule_state{rule="cam2",state="refused"} 0',
+        'mcrelay_rule_state{rule="cam2",state="failed"} 0',
     ]
 
 
