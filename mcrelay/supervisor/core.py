@@ -23,6 +23,7 @@ from mcrelay.ipc import messages as m
 from mcrelay.rules import Rule
 from mcrelay.supervisor.launcher import Launcher, WorkerSpec
 from mcrelay.supervisor.persistence import RuleStore, StateNotDurable
+from mcrelay.supervisor.precedence import RuleDiff, Seed
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerSlot
@@ -211,30 +212,56 @@ class Supervisor:
                 )
 
     async def replace_rules(
-        self, rules: tuple[Rule, ...], *, keep_refused: bool, start_by: float | None = None
+        self,
+        rules: tuple[Rule, ...],
+        *,
+        keep_refused: bool,
+        start_by: float | None = None,
+        seed: Seed | None = None,
     ) -> tuple[m.RuleUpdate, str | None]:
         """Make the rule set ``rules`` (see `_change`). From a client (``keep_refused`` false) a
         rule the policy refuses fails the whole change; from root's config file it is kept as
-        refused."""
+        refused, and ``seed`` (what the file's rules were) is saved with the change."""
         if keep_refused:
             allowed, refused = self._split(rules)
         else:
             self._admit(rules)
             allowed, refused = list(rules), {}
         before = self.refused
+        seed_before = self.store.seed if self.store is not None else None
 
         def change() -> m.RuleUpdate:
             self.refused = refused
+            if seed is not None and self.store is not None:
+                self.store.seed = seed
             return self.table.replace(allowed)
 
         try:
             update, warning = await self._change(change, start_by)
         except BaseException:
             self.refused = before
+            if self.store is not None:
+                self.store.seed = seed_before
             raise
         for _, reason in refused.values():
             log.warning("%s; it stays listed as refused and is not installed", reason)
         return update, warning
+
+    def preview_replace(self, rules: tuple[Rule, ...]) -> dict[str, Any]:
+        """What ReplaceRules would answer, after the same checks, changing nothing."""
+        self._admit(rules)
+        diff = RuleDiff.between(self.saved_rules(), rules)
+        return {
+            "added": sorted((*diff.added, *diff.changed)),
+            "removed": sorted((*diff.removed, *diff.changed)),
+            "dry_run": True,
+        }
+
+    @property
+    def state_moved_aside(self) -> str | None:
+        """Where an unreadable state file was moved at start (None: it was not)."""
+        aside = self.store.moved_aside if self.store is not None else None
+        return None if aside is None else str(aside)
 
     async def sync_worker(self, slot: WorkerSlot) -> None:
         """Give a starting data worker the whole table and wait for a matching acknowledgement."""
@@ -355,9 +382,14 @@ class Supervisor:
     async def _execute(self, request: m.ClientRequest, start_by: float | None) -> Any:
         match request:
             case m.Ping():
-                return {"pong": True, "protocol": m.PROTOCOL_VERSION}
+                return {
+                    "pong": True,
+                    "protocol": m.PROTOCOL_VERSION,
+                    "state_moved_aside": self.state_moved_aside,
+                }
             case m.ListWorkers():
-                return [slot.describe() for slot in self.slots.values()]
+                aside = self.state_moved_aside
+                return [{**s.describe(), "state_moved_aside": aside} for s in self.slots.values()]
             case m.ListRules():
                 listed = [
                     {**msgspec.to_builtins(rule), "state": self.dataplane.rule_state(rule)}
@@ -389,6 +421,8 @@ class Supervisor:
                 _, warning = await self._change(lambda: self.table.remove(rule_id), start_by)
                 log.info("rule %s removed", rule_id)
                 return _warned({"id": rule_id}, warning)
+            case m.ReplaceRules(rules=rules, dry_run=True):
+                return self.preview_replace(rules)
             case m.ReplaceRules(rules=rules):
                 update, warning = await self.replace_rules(
                     rules, keep_refused=False, start_by=start_by
