@@ -382,11 +382,7 @@ class Supervisor:
     async def _execute(self, request: m.ClientRequest, start_by: float | None) -> Any:
         match request:
             case m.Ping():
-                return {
-                    "pong": True,
-                    "protocol": m.PROTOCOL_VERSION,
-                    "state_moved_aside": self.state_moved_aside,
-                }
+                return {"pong": True, "protocol": m.PROTOCOL_VERSION}
             case m.ListWorkers():
                 aside = self.state_moved_aside
                 return [{**s.describe(), "state_moved_aside": aside} for s in self.slots.values()]

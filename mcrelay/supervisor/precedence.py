@@ -132,7 +132,7 @@ def name_ids(ids: Sequence[str], limit: int = NAMED_IDS) -> str:
     return f"{len(ids)}: {', '.join(ids[:limit])} and {len(ids) - limit} more"
 
 
-def _rules(n: int) -> str:
+def plural_rules(n: int) -> str:
     return f"{n} rule{'' if n == 1 else 's'}"
 
 
@@ -149,15 +149,17 @@ def describe(outcome: Outcome) -> str:
     if diff.changed:
         parts.append(f"changed {name_ids(diff.changed)}")
     if outcome.kept:
-        parts.append(f"kept {_rules(len(outcome.kept))} added at runtime: {name_ids(outcome.kept)}")
+        parts.append(
+            f"kept {plural_rules(len(outcome.kept))} added at runtime: {name_ids(outcome.kept)}"
+        )
     if outcome.dropped:
         parts.append(
-            f"dropped {_rules(len(outcome.dropped))} added at runtime: "
+            f"dropped {plural_rules(len(outcome.dropped))} added at runtime: "
             f"{name_ids(outcome.dropped)} (--keep-runtime-rules keeps such rules)"
         )
     if outcome.clashing:
         parts.append(
-            f"dropped {_rules(len(outcome.clashing))} added at runtime (same input as a rule "
+            f"dropped {plural_rules(len(outcome.clashing))} added at runtime (same input as a rule "
             f"of the file): {name_ids(outcome.clashing)}"
         )
     return "; ".join(parts) if parts else "nothing to change"
