@@ -212,38 +212,56 @@ class Supervisor:
                 )
 
     async def replace_rules(
-        self,
-        rules: tuple[Rule, ...],
-        *,
-        keep_refused: bool,
-        start_by: float | None = None,
-        seed: Seed | None = None,
+        self, rules: tuple[Rule, ...], *, keep_refused: bool, start_by: float | None = None
     ) -> tuple[m.RuleUpdate, str | None]:
         """Make the rule set ``rules`` (see `_change`). From a client (``keep_refused`` false) a
         rule the policy refuses fails the whole change; from root's config file it is kept as
-        refused, and ``seed`` (what the file's rules were) is saved with the change."""
+        refused."""
         if keep_refused:
             allowed, refused = self._split(rules)
         else:
             self._admit(rules)
             allowed, refused = list(rules), {}
         before = self.refused
-        seed_before = self.store.seed if self.store is not None else None
 
         def change() -> m.RuleUpdate:
             self.refused = refused
-            if seed is not None and self.store is not None:
-                self.store.seed = seed
             return self.table.replace(allowed)
 
         try:
             update, warning = await self._change(change, start_by)
         except BaseException:
             self.refused = before
-            if self.store is not None:
-                self.store.seed = seed_before
             raise
         for _, reason in refused.values():
+            log.warning("%s; it stays listed as refused and is not installed", reason)
+        return update, warning
+
+    async def reload_rules(
+        self, choose: Callable[[tuple[Rule, ...]], tuple[tuple[Rule, ...], Seed]]
+    ) -> tuple[m.RuleUpdate, str | None]:
+        """Replace the table with what ``choose`` makes of it and of the refused rules (see
+        `saved_rules`), decided under the rule-change lock, so no change made meanwhile is
+        undone. The rules are root's config file: what the policy refuses is kept as refused,
+        and the seed ``choose`` gives is saved with them."""
+        store = self.store
+        before, seed_before = self.refused, store.seed if store is not None else None
+
+        def change() -> m.RuleUpdate:
+            rules, seed = choose(self.saved_rules())
+            allowed, self.refused = self._split(rules)
+            if store is not None:
+                store.seed = seed
+            return self.table.replace(allowed)
+
+        try:
+            update, warning = await self._change(change)
+        except BaseException:
+            self.refused = before
+            if store is not None:
+                store.seed = seed_before
+            raise
+        for _, reason in self.refused.values():
             log.warning("%s; it stays listed as refused and is not installed", reason)
         return update, warning
 

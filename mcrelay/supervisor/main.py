@@ -372,19 +372,25 @@ async def reload_config(sup: Supervisor, config_file: Path | None) -> None:
     except ConfigError as exc:
         log.error("SIGHUP: %s; nothing changed", exc)
         return
-    table = sup.saved_rules()
-    seed = sup.store.seed if sup.store is not None else None
-    outcome = precedence.decide(rules, table, seed, keep_runtime=sup.settings.keep_runtime_rules)
+    keep = sup.settings.keep_runtime_rules
+    outcomes: list[precedence.Outcome] = []
+
+    def choose(table: tuple[Rule, ...]) -> tuple[tuple[Rule, ...], precedence.Seed]:
+        seed = sup.store.seed if sup.store is not None else None
+        outcomes.append(precedence.decide(rules, table, seed, keep_runtime=keep))
+        return outcomes[-1].rules, outcomes[-1].seed
+
     try:
-        # The file is root's, like the policy: what the policy refuses is kept as refused.
-        # An unchanged file still re-checks the table (policy, failed joins and captures).
-        await sup.replace_rules(outcome.rules, keep_refused=True, seed=outcome.seed)
+        # Decided under the rule-change lock, so a change made meanwhile is not undone. An
+        # unchanged file still re-checks the table (the policy, failed joins and captures).
+        await sup.reload_rules(choose)
     except McrelayError as exc:
         log.error("SIGHUP: %s: %s; nothing changed", config_file, exc)
         return
     except Exception:  # a bug must not take the daemon down with its signal handler
         log.exception("SIGHUP: reloading %s failed", config_file)
         return
+    outcome = outcomes[-1]
     if outcome.file_unchanged:
         log.info(
             "SIGHUP: config file %s unchanged since the table was made from it: the table "
