@@ -302,8 +302,8 @@ def _log_outcome(
         why = f"config file {config_file} changed since {table} was made from it"
     level = logging.WARNING if outcome.dropped or outcome.clashing else logging.INFO
     what = precedence.describe(outcome)
-    rules = precedence.plural_rules(count)
-    log.log(level, "%s%s: its %s apply: %s", prefix, why, rules, what)
+    rules = precedence.plural_rules(count) + (" applies" if count == 1 else " apply")
+    log.log(level, "%s%s: its %s: %s", prefix, why, rules, what)
 
 
 def leaf(error: BaseException) -> BaseException:
