@@ -119,8 +119,20 @@ def supervisor(
         int | None, typer.Option(help="Data-plane workers [default: number of CPUs].", min=1)
     ] = None,
     config_file: Annotated[
-        Path | None, typer.Option("--config", help="Load rules from this TOML file at start.")
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Rules from this TOML file: applied at start and on SIGHUP when it changed "
+            "since the saved table was made from it (docs/configuration.md).",
+        ),
     ] = None,
+    keep_runtime_rules: Annotated[
+        bool,
+        typer.Option(
+            help="When the --config file changed, keep the rules added at runtime (not from "
+            "the file) on top of its rules [default: dropped, and logged]."
+        ),
+    ] = False,
     state_dir: Annotated[
         Path, typer.Option(help="Where the rule table is saved on every change and restored from.")
     ] = DEFAULT_STATE_DIR,
@@ -256,6 +268,7 @@ def supervisor(
         failure_window=failure_window,
         exit_on_fatal=exit_on_fatal,
         pin_workers=pin_workers,
+        keep_runtime_rules=keep_runtime_rules,
         worker_user=user,
         control_user=control_user,
         unsafe_keep_worker_root=unsafe_keep_worker_root,
@@ -354,6 +367,9 @@ def workers(socket: SocketOpt = DEFAULT_CONTROL_SOCKET, as_json: JsonOpt = False
         for w in result
     ]
     _table(headers, rows)
+    aside = next((w.get("state_moved_aside") for w in result if w.get("state_moved_aside")), None)
+    if aside:
+        typer.echo(f"the saved rule table was unreadable at start and was moved aside to {aside}")
 
 
 @app.command()
@@ -500,15 +516,47 @@ def config_check(
 @config_app.command("load")
 def config_load(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="TOML rule file.")],
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Show what would be added, removed and changed; change nothing."
+        ),
+    ] = False,
     socket: SocketOpt = DEFAULT_CONTROL_SOCKET,
+    as_json: JsonOpt = False,
 ) -> None:
     """Make the daemon's rules equal to the file's; only the difference is applied."""
+    from mcrelay.supervisor.precedence import RuleDiff
+
     rules = _load_file(file)
-    result = _call(socket, m.ReplaceRules(rules=rules))
+    result = _call(socket, m.ReplaceRules(rules=rules, dry_run=dry_run))
+    diff = RuleDiff.from_reply(result["added"], result["removed"], len(rules))
+    if as_json:
+        _print_json(
+            {
+                "file": str(file),
+                "rules": len(rules),
+                "dry_run": dry_run,
+                "added": list(diff.added),
+                "removed": list(diff.removed),
+                "changed": list(diff.changed),
+                "unchanged": diff.unchanged,
+            }
+        )
+        return
+    if not dry_run:
+        typer.echo(
+            f"{file}: {len(rules)} rule(s); {len(diff.added) + len(diff.changed)} added or "
+            f"changed, {len(diff.removed)} removed"
+        )
+        return
     typer.echo(
-        f"{file}: {len(rules)} rule(s); {len(result['added'])} added or changed, "
-        f"{len(set(result['removed']) - set(result['added']))} removed"
+        f"{file}: {len(rules)} rule(s); dry run, nothing changed: would add {len(diff.added)}, "
+        f"remove {len(diff.removed)}, change {len(diff.changed)}, leave {diff.unchanged}"
     )
+    for verb, ids in (("add", diff.added), ("remove", diff.removed), ("change", diff.changed)):
+        for rule_id in ids:
+            typer.echo(f"  {verb:<7} {rule_id}")
 
 
 @config_app.command("save")

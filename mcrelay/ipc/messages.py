@@ -178,9 +178,11 @@ class RestartWorker(_Msg, tag="restart-worker"):
 
 
 class ReplaceRules(_Msg, tag="replace-rules"):
-    """Make the table equal to ``rules``: only the difference is applied."""
+    """Make the table equal to ``rules``: only the difference is applied. ``dry_run``: check
+    them as for the change and answer what it would be, changing nothing."""
 
     rules: tuple[Rule, ...]
+    dry_run: bool = False
 
 
 class Reply(_Msg, tag="reply"):

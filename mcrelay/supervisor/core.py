@@ -26,6 +26,7 @@ from mcrelay.supervisor import costs
 from mcrelay.supervisor.launcher import Launcher, WorkerSpec
 from mcrelay.supervisor.memberships import max_memberships_per_socket
 from mcrelay.supervisor.persistence import RuleStore, StateNotDurable
+from mcrelay.supervisor.precedence import RuleDiff, Seed
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerSlot
@@ -259,6 +260,50 @@ class Supervisor:
             log.warning("%s; it stays listed as refused and is not installed", reason)
         return update, warning
 
+    async def reload_rules(
+        self, choose: Callable[[tuple[Rule, ...]], tuple[tuple[Rule, ...], Seed]]
+    ) -> tuple[m.RuleUpdate, str | None]:
+        """Replace the table with what ``choose`` makes of it and of the refused rules (see
+        `saved_rules`), decided under the rule-change lock, so no change made meanwhile is
+        undone. The rules are root's config file: what the policy refuses is kept as refused,
+        and the seed ``choose`` gives is saved with them."""
+        store = self.store
+        before, seed_before = self.refused, store.seed if store is not None else None
+
+        def change() -> m.RuleUpdate:
+            rules, seed = choose(self.saved_rules())
+            allowed, self.refused = self._split(rules)
+            if store is not None:
+                store.seed = seed
+            return self.table.replace(allowed)
+
+        try:
+            update, warning = await self._change(change)
+        except BaseException:
+            self.refused = before
+            if store is not None:
+                store.seed = seed_before
+            raise
+        for _, reason in self.refused.values():
+            log.warning("%s; it stays listed as refused and is not installed", reason)
+        return update, warning
+
+    def preview_replace(self, rules: tuple[Rule, ...]) -> dict[str, Any]:
+        """What ReplaceRules would answer, after the same checks, changing nothing."""
+        self._admit(rules)
+        diff = RuleDiff.between(self.saved_rules(), rules)
+        return {
+            "added": sorted((*diff.added, *diff.changed)),
+            "removed": sorted((*diff.removed, *diff.changed)),
+            "dry_run": True,
+        }
+
+    @property
+    def state_moved_aside(self) -> str | None:
+        """Where an unreadable state file was moved at start (None: it was not)."""
+        aside = self.store.moved_aside if self.store is not None else None
+        return None if aside is None else str(aside)
+
     async def sync_worker(self, slot: WorkerSlot) -> None:
         """Give a starting data worker the whole table and wait for a matching acknowledgement."""
         while True:
@@ -410,7 +455,8 @@ class Supervisor:
             case m.Ping():
                 return {"pong": True, "protocol": m.PROTOCOL_VERSION}
             case m.ListWorkers():
-                return [slot.describe() for slot in self.slots.values()]
+                aside = self.state_moved_aside
+                return [{**s.describe(), "state_moved_aside": aside} for s in self.slots.values()]
             case m.ListRules():
                 listed = [_listed(rule, *self.rule_state(rule)) for rule in self.table.rules]
                 listed += [
@@ -438,6 +484,8 @@ class Supervisor:
                 _, warning = await self._change(lambda: self.table.remove(rule_id), start_by)
                 log.info("rule %s removed", rule_id)
                 return _warned({"id": rule_id}, warning)
+            case m.ReplaceRules(rules=rules, dry_run=True):
+                return self.preview_replace(rules)
             case m.ReplaceRules(rules=rules):
                 update, warning = await self.replace_rules(
                     rules, keep_refused=False, start_by=start_by

@@ -19,11 +19,17 @@ from typing import Any
 import trio
 
 from mcrelay import config
-from mcrelay.errors import ConfigError, McrelayError, SupervisorRunning
+from mcrelay.errors import ConfigError, McrelayError, RuleError, SupervisorRunning
 from mcrelay.rules import Rule
+from mcrelay.supervisor import precedence
 from mcrelay.supervisor.core import DataPlane, Supervisor
 from mcrelay.supervisor.launcher import Launcher, SpawnerLauncher
-from mcrelay.supervisor.persistence import RuleStore
+from mcrelay.supervisor.persistence import (
+    RuleStore,
+    SavedState,
+    StateNotDurable,
+    UnreadableState,
+)
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerFatal
@@ -157,8 +163,8 @@ async def serve(
 ) -> int:
     """Run until SIGTERM/SIGINT; the process exit code.
 
-    The saved table (``store``) wins over ``initial_rules`` (the --config file): it holds every
-    change made at runtime, so a restarted supervisor comes back with exactly what it had.
+    ``initial_rules`` are the rules of ``config_file``; which of them and the saved table
+    (``store``) the daemon starts with is `mcrelay.supervisor.precedence`'s rule.
     """
     # Takes NOTIFY_SOCKET/WATCHDOG_* out of os.environ before any worker exists.
     with (
@@ -180,14 +186,7 @@ async def serve(
         )
         for line in settings.policy.describe():
             log.info("access policy: %s", line)
-        saved = store.load() if store is not None else None
-        if saved is not None:
-            sup.load(saved)
-            log.info("restored %d rules from %s", len(saved), store.path if store else "")
-        elif initial_rules:
-            sup.load(initial_rules)
-            if store is not None:
-                store.save(sup.saved_rules())
+        start_rules(sup, config_file, initial_rules)
         table = sup.table
         # Bound before any worker starts: a taken port is a plain error (exit 2), not a group.
         metrics = await open_metrics_listeners(metrics_listen) if metrics_listen else []
@@ -225,7 +224,86 @@ async def serve(
 
 def status_line(sup: Supervisor) -> str:
     """For ``systemctl status``."""
-    return f"{len(sup.slots)} workers running, {len(sup.table)} rules"
+    line = f"{len(sup.slots)} workers running, {len(sup.table)} rules"
+    if sup.state_moved_aside is not None:
+        line += f"; the saved rule table was unreadable and moved aside to {sup.state_moved_aside}"
+    return line
+
+
+def start_rules(sup: Supervisor, config_file: Path | None, file_rules: tuple[Rule, ...]) -> None:
+    """Load the table the daemon starts with: the saved one or the --config file's (see
+    `mcrelay.supervisor.precedence`), logged in one line; an unreadable state file is moved
+    aside and the daemon starts from the file (or empty)."""
+    store = sup.store
+    saved = _restore(sup, config_file)
+    if config_file is None or store is None:
+        rules = saved.rules if saved is not None else file_rules
+        sup.load(rules)
+        if saved is not None:
+            log.info("restored %d rules from %s", len(saved.rules), store.path if store else "")
+        return
+    if saved is None:
+        outcome = precedence.decide(file_rules, (), None, keep_runtime=False)
+        sup.load(outcome.rules)
+        log.info("loaded %d rules from %s (no saved table)", len(file_rules), config_file)
+    else:
+        outcome = precedence.decide(
+            file_rules, saved.rules, saved.seed, keep_runtime=sup.settings.keep_runtime_rules
+        )
+        if outcome.file_unchanged:
+            sup.load(saved.rules)
+            log.info(
+                "config file %s unchanged since the saved table was made from it: restored "
+                "%d rules from %s (runtime changes kept)",
+                config_file,
+                len(saved.rules),
+                store.path,
+            )
+            return
+        sup.load(outcome.rules)
+        _log_outcome(outcome, config_file, "the saved table", len(file_rules))
+    store.seed = outcome.seed
+    try:
+        store.save(sup.saved_rules())
+    except StateNotDurable as exc:
+        log.warning("%s", exc)
+
+
+def _restore(sup: Supervisor, config_file: Path | None) -> SavedState | None:
+    """The saved table, or None; an unreadable one is moved aside (and None)."""
+    store = sup.store
+    if store is None:
+        return None
+    try:
+        saved = store.load()
+        if saved is not None:
+            RuleTable().replace(saved.rules)  # its rules must also make a consistent set
+        return saved
+    except (UnreadableState, RuleError) as exc:
+        aside = store.move_aside()
+        store.seed = None
+        start = f"the rules of {config_file}" if config_file is not None else "no rules"
+        log.error(
+            "the saved rule table is unreadable (%s): moved aside to %s; starting with %s",
+            exc,
+            aside,
+            start,
+        )
+        return None
+
+
+def _log_outcome(
+    outcome: precedence.Outcome, config_file: Path, table: str, count: int, prefix: str = ""
+) -> None:
+    """The one line that says why the file won and what that changed."""
+    if outcome.no_seed:
+        why = f"{table} records no config file it was made from, so {config_file} wins"
+    else:
+        why = f"config file {config_file} changed since {table} was made from it"
+    level = logging.WARNING if outcome.dropped or outcome.clashing else logging.INFO
+    what = precedence.describe(outcome)
+    rules = precedence.plural_rules(count) + (" applies" if count == 1 else " apply")
+    log.log(level, "%s%s: its %s: %s", prefix, why, rules, what)
 
 
 def leaf(error: BaseException) -> BaseException:
@@ -294,13 +372,31 @@ async def reload_config(sup: Supervisor, config_file: Path | None) -> None:
     except ConfigError as exc:
         log.error("SIGHUP: %s; nothing changed", exc)
         return
+    keep = sup.settings.keep_runtime_rules
+    outcomes: list[precedence.Outcome] = []
+
+    def choose(table: tuple[Rule, ...]) -> tuple[tuple[Rule, ...], precedence.Seed]:
+        seed = sup.store.seed if sup.store is not None else None
+        outcomes.append(precedence.decide(rules, table, seed, keep_runtime=keep))
+        return outcomes[-1].rules, outcomes[-1].seed
+
     try:
-        # The file is root's, like the policy: what the policy refuses is kept as refused.
-        await sup.replace_rules(rules, keep_refused=True)
+        # Decided under the rule-change lock, so a change made meanwhile is not undone. An
+        # unchanged file still re-checks the table (the policy, failed joins and captures).
+        await sup.reload_rules(choose)
     except McrelayError as exc:
         log.error("SIGHUP: %s: %s; nothing changed", config_file, exc)
         return
     except Exception:  # a bug must not take the daemon down with its signal handler
         log.exception("SIGHUP: reloading %s failed", config_file)
         return
-    log.info("SIGHUP: reloaded %s (%d rules)", config_file, len(rules))
+    outcome = outcomes[-1]
+    if outcome.file_unchanged:
+        log.info(
+            "SIGHUP: config file %s unchanged since the table was made from it: the table "
+            "stays as it is (%d rules, runtime changes kept)",
+            config_file,
+            len(outcome.rules),
+        )
+    else:
+        _log_outcome(outcome, config_file, "the table", len(rules), prefix="SIGHUP: ")

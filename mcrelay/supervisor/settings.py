@@ -41,5 +41,7 @@ class SupervisorSettings:
     control_user: str = DEFAULT_CONTROL_USER
     #: Run workers with root's uid when they cannot switch users (they still lose every capability).
     unsafe_keep_worker_root: bool = False
+    #: When the --config file changed, keep the rules added at runtime on top of its rules.
+    keep_runtime_rules: bool = False
     #: Pin data worker i to CPU i (modulo the CPUs this process may use).
     pin_workers: bool = False
