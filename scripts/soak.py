@@ -80,7 +80,7 @@ FLAP_S = (0.2, 2.0)  # link-flap: down for this long
 BULK_RULES = (200, 400)  # config-load: rules in the file besides the soak's own
 SEGMENT_MAX_S = 120  # a generator's --count covers this long; sinks stop 30 s later at the latest
 EXTRA_RULES_MAX = 12
-PRE_S = (1.0, 3.0)  # chaos interval: traffic flowing → event
+PRE_S = (0.5, 2.0)  # chaos interval: traffic flowing → event
 TAIL_S = (0.5, 1.5)  # chaos interval: recovered → generators stopped
 WARMUP_S = 5.0  # supervisor samples ignored after each start
 SAMPLE_EVERY_S = 0.5
@@ -621,6 +621,7 @@ class Soak:
         self.rules_lost_seen = 0  # rules missing from a listing after an event
         self.loads = 0  # config loads made
         self.checkpoints: list[dict[str, Any]] = []  # fd/RSS per process, base table, no traffic
+        self.rules_at_end = 0  # before the end checkpoint puts the base rules back
         self.t0 = time.monotonic()
         self.budget_end = 0.0
         self.supervisor_kills_allowed = 0
@@ -760,6 +761,14 @@ class Soak:
             if self.wait_healthy(ev):
                 ev.recovery_s = round(time.monotonic() - t, 3)
                 self.check_rules(ev, "restarted supervisor")
+                control = str(self.relay.socket)
+                left = [
+                    f
+                    for f in socket_files(self.relay.state_dir.parent, self.relay.ns)
+                    if not f.startswith(control)
+                ]
+                if left:
+                    ev.problems.append(f"socket files left by the killed supervisor: {left}")
         elif ev.kind == "stop-supervisor":
             ev.victim = f"supervisor (pid {self.relay.pid})"
             if (ident := ident_of(self.relay.pid)) is not None:
@@ -1054,14 +1063,15 @@ class Soak:
         # fd/RSS trend; then the data-path failures, longest first, so a short run on a slow
         # machine still has them), then weighted random choices; a kind that no longer fits the
         # budget becomes a baseline ("none")
-        rest = ["kill-control", "churn", "pause-worker", "link-flap"]
+        rest = ["kill-data", "kill-control", "churn"]
         self.rng.shuffle(rest)
         schedule = [
             "kill-supervisor",
             "stop-worker",
             "config-load",
+            "link-flap",
+            "pause-worker",
             "stop-supervisor",
-            "kill-data",
             *rest,
         ]
         # the early checkpoint once every kind has happened (or half the budget is gone: a
@@ -1223,6 +1233,7 @@ def final_checks(soak: Soak, samples: list[tuple[float, int, int, int]]) -> dict
     for key in ("orphans", "zombies", "stopped"):
         check(key, not procs[key], ", ".join(procs[key]) or "none")
     tr = trend(samples)  # information: the supervisor's fd/RSS over each of its lives
+    soak.rules_at_end = len(soak.expected)
     soak.checkpoint("end")
     growth = judge_growth(soak.checkpoints)
     check("growth", growth["ok"], growth["detail"])
@@ -1458,7 +1469,7 @@ def run(opts: Options) -> tuple[int, dict[str, Any]]:
             "added": sum(op["op"] == "add" for op in churn_ops),
             "removed": sum(op["op"] == "remove" for op in churn_ops),
             "during_outage": sum(len(e.churn) for e in events if e.kind != "churn"),
-            "final_rules": len(soak.expected),
+            "final_rules": soak.rules_at_end,
         },
         "config_loads": soak.loads,
         "sent": sum(e.sent for e in events),
