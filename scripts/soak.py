@@ -222,11 +222,12 @@ def usage(ident: Ident) -> tuple[int, int] | None:
     return fds, int(match[1])
 
 
-def socket_files(root: Path, ns: topology.Netns) -> list[str]:
-    """Unix socket files under ``root``, and sockets in ``ns`` still bound to a path under it
-    (/proc/net/unix is per network namespace)."""
+def socket_files(root: Path, ns: topology.Netns | None = None) -> list[str]:
+    """Unix socket files under ``root``, and with ``ns`` sockets there still bound to a path
+    under it (/proc/net/unix is per network namespace, and shows the path of the bind even
+    after the file was renamed)."""
     found = {str(p) for p in root.rglob("*") if p.is_socket()}
-    for line in ns.run("cat", "/proc/net/unix").splitlines()[1:]:
+    for line in ns.run("cat", "/proc/net/unix").splitlines()[1:] if ns else ():
         fields = line.split()
         if len(fields) >= 8 and fields[7].startswith(str(root)):
             found.add(f"{fields[7]} (bound)")
@@ -762,11 +763,7 @@ class Soak:
                 ev.recovery_s = round(time.monotonic() - t, 3)
                 self.check_rules(ev, "restarted supervisor")
                 control = str(self.relay.socket)
-                left = [
-                    f
-                    for f in socket_files(self.relay.state_dir.parent, self.relay.ns)
-                    if not f.startswith(control)
-                ]
+                left = [f for f in socket_files(self.relay.state_dir.parent) if f != control]
                 if left:
                     ev.problems.append(f"socket files left by the killed supervisor: {left}")
         elif ev.kind == "stop-supervisor":
@@ -817,7 +814,7 @@ class Soak:
         ev.problems += [op["error"] for op in ev.churn if op["error"]]
         now = self.relay.current
         ev.replaced = sorted(w for w, pid in before.items() if now.get(w, {}).get("pid") != pid)
-        if ev.recovery_s is None or ev.recovery_s > WORKER_WEDGE_S:
+        if ev.kind != "none" and (ev.recovery_s is None or ev.recovery_s > WORKER_WEDGE_S):
             took = "never" if ev.recovery_s is None else f"after {ev.recovery_s:.1f} s"
             self.worker_wedges.append(
                 f"{ev.kind} at {ev.at_s:.1f}s: running again {took} (bound {WORKER_WEDGE_S:g} s)"
