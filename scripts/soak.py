@@ -3,17 +3,23 @@
 gen-ns → relay-ns → sink-ns (tests/netns/topology.py), a real supervisor with 2 data workers and
 its own --state-dir in a temporary directory. The run is a sequence of *segments*: sinks join,
 one generator per stream starts, and after a random (seeded) interval exactly one event is
-induced — a worker SIGKILLed or SIGSTOPped (hung), the supervisor SIGKILLed and restarted on the
-same state directory, rules added and removed, or nothing (a baseline) — then the soak waits for
-full recovery, lets traffic run a little longer, stops the generators and collects the sinks. So
-every lost packet belongs to exactly one event. At the end: rules equal the soak's bookkeeping,
-every worker runs, no orphan, zombie or stopped process is left, the supervisor's descriptor
-count and RSS show no growth, and the supervisor stops cleanly.
+induced — a worker SIGKILLed, or SIGSTOPped and SIGCONTed before or after the heartbeat timeout,
+the supervisor SIGKILLed (and started again on the same state directory) or SIGSTOPped and
+SIGCONTed, the input or output link set down and up, rules added and removed, a config load of a
+few hundred rules and back, or nothing (a baseline) — then the soak waits for full recovery, lets
+traffic run a little longer, stops the generators and collects the sinks. So every lost packet
+belongs to exactly one event. At checkpoints (no traffic, the base rules only) it reads the
+descriptors and RSS of every mcrelay process. At the end: no rule lost (`mcrelay rules --json`
+equals the soak's bookkeeping), no orphan process or socket file, no wedge (a control request
+unanswered within its deadline, or a worker not running again within heartbeat timeout + the
+restart backoff's bound), descriptors and RSS flat from the early checkpoint to the end, and the
+supervisor stops cleanly. Any of these failing makes the exit status 1.
 
 Safety: traffic only inside the namespaces built here, to 239.0.0.0/8; processes are signalled
 through pidfds after checking their identity (pid + start time), only ever ones this run started
 (the supervisor's own Popen, workers it listed); every wait has a deadline; everything is ended
-and the namespaces deleted on any exit, Ctrl-C and SIGTERM included.
+(a stopped supervisor is continued first) and the namespaces deleted on any exit, Ctrl-C and
+SIGTERM included.
 """
 
 from __future__ import annotations
@@ -1518,6 +1524,9 @@ def main() -> int:
         parser.error("the duration and --rate must be positive")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C ends the soak, and its generators and sinks get SIGINT's default back even when
+    # the soak was started with SIGINT ignored (a background job of a non-interactive shell)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code, report = run(Options(duration, seed, args.rate, args.json))
     except (KeyboardInterrupt, Interrupted):
