@@ -12,6 +12,7 @@ if it is still there, SIGKILL.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from tests.netns import topology
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.slow,
+    pytest.mark.soak,
     pytest.mark.skipif(not topology.have_netns(), reason="needs root and ip netns"),
 ]
 
@@ -35,6 +37,8 @@ TIMEOUT_S = DURATION_S + 120
 
 
 def test_soak_60s_keeps_its_invariants() -> None:
+    # longer than the suite's faulthandler_timeout by design: dump the stacks only if it hangs
+    faulthandler.dump_traceback_later(TIMEOUT_S + 60)
     proc = subprocess.Popen(
         [sys.executable, str(SOAK), "--duration", str(DURATION_S), "--seed", "1", "--json"],
         stdout=subprocess.PIPE,
