@@ -1,5 +1,9 @@
-"""The chaos soak in its short mode (scripts/soak.py, docs/soak.md): under 60 s of worker kills,
-hangs, a supervisor kill and restart, and rule churn while traffic flows; every check must pass.
+"""The chaos soak for 60 s (scripts/soak.py, docs/soak.md): workers and the supervisor are
+SIGKILLed, SIGSTOPped and SIGCONTed (the supervisor restarted on the same state directory after a
+kill), links flap, rules are churned and a few hundred loaded at once, all while traffic flows;
+the soak's invariants must hold: no rule lost, no orphan process or socket file, no wedged
+request or worker, descriptors and RSS flat. Performance figures (loss, recovery times) are
+printed, not asserted: a loaded 2-CPU machine must pass too.
 
 The soak runs as its own process (it makes itself a child subreaper to catch orphaned workers);
 on a timeout it gets SIGINT, which ends its processes and deletes its namespaces, and only then,
@@ -8,6 +12,7 @@ if it is still there, SIGKILL.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import signal
 import subprocess
@@ -21,25 +26,31 @@ from tests.netns import topology
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.slow,
+    pytest.mark.soak,
     pytest.mark.skipif(not topology.have_netns(), reason="needs root and ip netns"),
 ]
 
 SOAK = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
+DURATION_S = 60
+# set-up, the last segment running over the budget, the end checkpoint and the final checks
+TIMEOUT_S = DURATION_S + 120
 
 
-def test_short_soak_passes() -> None:
+def test_soak_60s_keeps_its_invariants() -> None:
+    # longer than the suite's faulthandler_timeout by design: dump the stacks only if it hangs
+    faulthandler.dump_traceback_later(TIMEOUT_S + 60)
     proc = subprocess.Popen(
-        [sys.executable, str(SOAK), "--minutes", "0.7", "--seed", "1", "--json"],
+        [sys.executable, str(SOAK), "--duration", str(DURATION_S), "--seed", "1", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        out, err = proc.communicate(timeout=75)
+        out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGINT)  # the soak cleans up on Ctrl-C
         out, err = proc.communicate(timeout=60)
-        pytest.fail(f"the soak did not finish within 75 s:\n{err[-4000:]}")
+        pytest.fail(f"the soak did not finish within {TIMEOUT_S} s:\n{err[-4000:]}")
     finally:
         if proc.poll() is None:  # e.g. pytest itself was interrupted: let the soak clean up
             proc.send_signal(signal.SIGINT)
@@ -52,8 +63,13 @@ def test_short_soak_passes() -> None:
     assert proc.returncode in (0, 1), err[-4000:]
     report = json.loads(out)
     failed = [f"{c['name']}: {c['detail']}" for c in report["checks"] if not c["ok"]]
+    assert report["invariants"] == {
+        "rules_lost": 0,
+        "orphans": 0,
+        "wedges": 0,
+        "growth_flat": True,
+    }, failed
     assert report["result"] == "pass", failed
     assert proc.returncode == 0
-    assert report["duration_s"] < 60
     kinds = report["by_kind"]
-    assert {"kill-data", "kill-supervisor", "stop-worker"} <= set(kinds), kinds
+    assert {"kill-supervisor", "stop-worker"} <= set(kinds), kinds
