@@ -36,10 +36,31 @@ MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 MAX_CLIENT_FRAME_SIZE = FRAGMENT_SIZE
 #: Largest message a client may send: room for a whole table in one ``config load``.
 MAX_CLIENT_MESSAGE_SIZE = 32 * 1024 * 1024
+#: What fragments of unfinished client messages may hold in all, across connections: two
+#: whole tables at once, never 512 connections x 32 MiB.
+CLIENT_REASSEMBLY_BUDGET = 2 * MAX_CLIENT_MESSAGE_SIZE
 _MAX_FDS_PER_READ = 64
 _READ_SIZE = 256 * 1024
 
 T = TypeVar("T")
+
+
+class ReassemblyBudget:
+    """Bytes that fragments of unfinished messages may hold, shared by many channels, so
+    untrusted peers together cannot make a process hold more than ``total``."""
+
+    def __init__(self, total: int) -> None:
+        self.free = total
+
+    def take(self, size: int) -> bool:
+        if size > self.free:
+            return False
+        self.free -= size
+        return True
+
+    def give(self, size: int) -> None:
+        self.free += size
+
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -72,6 +93,7 @@ class FrameChannel:
         *,
         max_frame: int = MAX_FRAME_SIZE,
         max_message: int = MAX_MESSAGE_SIZE,
+        budget: ReassemblyBudget | None = None,
         accept_fds: bool = True,
     ) -> None:
         self._sock = sock
@@ -80,6 +102,7 @@ class FrameChannel:
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(decoder_type)
         self._max_frame = max_frame
         self._max_message = max_message
+        self._budget = budget
         self._buf = bytearray()
         #: Fragments of a message whose last frame has not arrived yet.
         self._fragments: list[bytes] = []
@@ -129,7 +152,7 @@ class FrameChannel:
             if self._fragments:
                 self._fragments.append(body)
                 body = b"".join(self._fragments)
-                self._fragments, self._fragments_size = [], 0
+                self._drop_fragments()
             try:
                 return self._decoder.decode(body)
             except msgspec.ValidationError as exc:
@@ -155,6 +178,10 @@ class FrameChannel:
                     del self._buf[:end]
                     if not prefix & MORE_FRAGMENTS:
                         return body
+                    if self._budget is not None and not self._budget.take(length):
+                        raise ProtocolError(
+                            "the daemon is receiving too many large requests at once; try again"
+                        )
                     self._fragments.append(body)
                     self._fragments_size += length
                     continue
@@ -183,6 +210,11 @@ class FrameChannel:
             raise ChannelClosed("peer closed the channel")
         self._buf += data
 
+    def _drop_fragments(self) -> None:
+        if self._budget is not None:
+            self._budget.give(self._fragments_size)
+        self._fragments, self._fragments_size = [], 0
+
     def take_fds(self, count: int) -> list[int]:
         """The next ``count`` descriptors received, in order; ProtocolError if they are missing."""
         if len(self._fds) < count:
@@ -193,6 +225,7 @@ class FrameChannel:
         if self._closed:
             return
         self._closed = True
+        self._drop_fragments()
         for fd in self._fds:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -20,7 +20,14 @@ import trio_util
 from mcrelay import rules
 from mcrelay.errors import ChannelClosed, McrelayError, ProtocolError
 from mcrelay.ipc import messages as m
-from mcrelay.ipc.framing import MAX_CLIENT_FRAME_SIZE, MAX_CLIENT_MESSAGE_SIZE, FrameChannel
+from mcrelay.ipc.framing import (
+    CLIENT_REASSEMBLY_BUDGET,
+    FRAGMENT_SIZE,
+    MAX_CLIENT_FRAME_SIZE,
+    MAX_CLIENT_MESSAGE_SIZE,
+    FrameChannel,
+    ReassemblyBudget,
+)
 from mcrelay.system.logs import LOG_LEVELS
 from mcrelay.system.peers import Role, denied, peer_credentials, request_refusal, role_of
 
@@ -40,6 +47,8 @@ MAX_CLIENTS_PER_UID = 64
 #: Connections only root and the supervisor's user may take: others together get the rest, so
 #: no group member (or several) can lock root out by holding connections open.
 ADMIN_RESERVED = 16
+#: Roles that may change the table, and so send a whole table in one request.
+_WRITERS = (Role.ADMIN, Role.OPERATOR)
 #: accept() failures that pass (descriptor or memory exhaustion, an aborted connection): the
 #: listener is retried after this delay instead of crashing the worker.
 ACCEPT_RETRY_DELAY = 0.1
@@ -66,6 +75,7 @@ class ControlWorker:
         #: Open connections per peer uid, and the uids already logged as over their cap.
         self._per_uid: dict[int, int] = {}
         self._capped: set[int] = set()
+        self._reassembly = ReassemblyBudget(CLIENT_REASSEMBLY_BUDGET)
         #: Requests taken from clients and not yet answered; a stopping worker answers them first.
         self._inflight = trio_util.AsyncValue(0)
 
@@ -141,22 +151,24 @@ class ControlWorker:
         return None
 
     async def _client(self, conn: trio.socket.SocketType, pid: int, uid: int, gid: int) -> None:
+        role = role_of(
+            pid,
+            uid,
+            gid,
+            owner_uid=self._owner_uid,
+            allowed_gid=self._allowed_gid,
+            read_gid=self._read_gid,
+        )
         channel = FrameChannel(
             conn,
             m.ClientToServer,
             max_frame=MAX_CLIENT_FRAME_SIZE,
-            max_message=MAX_CLIENT_MESSAGE_SIZE,
+            # Readers and refused peers only ever need small requests: one frame.
+            max_message=MAX_CLIENT_MESSAGE_SIZE if role in _WRITERS else FRAGMENT_SIZE,
+            budget=self._reassembly,
             accept_fds=False,
         )
         try:
-            role = role_of(
-                pid,
-                uid,
-                gid,
-                owner_uid=self._owner_uid,
-                allowed_gid=self._allowed_gid,
-                read_gid=self._read_gid,
-            )
             if role is None:
                 reason = denied(uid, self._allowed_gid, self._read_gid)
                 log.warning("refused a client: %s", reason)

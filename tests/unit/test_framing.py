@@ -12,7 +12,16 @@ import trio
 
 from mcrelay.errors import ChannelClosed, ProtocolError
 from mcrelay.ipc import messages as m
-from mcrelay.ipc.framing import FRAGMENT_SIZE, MORE_FRAGMENTS, FrameChannel, encode
+from mcrelay.ipc.framing import (
+    FRAGMENT_SIZE,
+    HEADER,
+    MORE_FRAGMENTS,
+    FrameChannel,
+    ReassemblyBudget,
+    encode,
+)
+
+HEADER_SIZE = HEADER.size
 
 
 @contextlib.contextmanager
@@ -137,3 +146,45 @@ async def test_a_message_over_the_message_limit_is_refused_while_it_arrives() ->
     finally:
         sender.close()
         receiver.close()
+
+
+async def test_channels_sharing_a_budget_cannot_hold_more_than_it_together() -> None:
+    """Fragments of unfinished messages count against one budget for every client channel, so
+    many connections sending large requests cannot exhaust the control worker's memory; what a
+    channel held is given back when its message completes or the channel closes."""
+    budget = ReassemblyBudget(3 * FRAGMENT_SIZE)
+    a, b = trio.socket.socketpair()
+    c, d = trio.socket.socketpair()
+    first = FrameChannel(b, bytes, budget=budget)
+    second = FrameChannel(d, bytes, budget=budget)
+    raw_first, raw_second = a, c
+    try:
+        frames = encode(bytes(3 * FRAGMENT_SIZE))  # 3 full fragments + an empty last one
+        fragment = HEADER_SIZE + FRAGMENT_SIZE
+        async with trio.open_nursery() as nursery:
+            # Two fragments (without the rest) held by the first channel...
+            nursery.start_soon(_send_all, raw_first, frames[: 2 * fragment])
+            nursery.start_soon(_send_all, raw_second, frames)
+            nursery.start_soon(first.receive)  # waits for fragments that never come
+            with trio.fail_after(5):
+                while budget.free != FRAGMENT_SIZE:
+                    await trio.sleep(0.01)
+            # ... leave too little for the second's whole message.
+            with pytest.raises(ProtocolError, match="too many large requests"):
+                await second.receive()
+            nursery.cancel_scope.cancel()
+        second.close()
+        assert budget.free == FRAGMENT_SIZE
+        first.close()
+        assert budget.free == 3 * FRAGMENT_SIZE
+    finally:
+        for channel in (first, second):
+            channel.close()
+        raw_first.close()
+        raw_second.close()
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view) :]
