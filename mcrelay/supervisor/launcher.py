@@ -281,6 +281,8 @@ class SpawnerLauncher:
         self._ids = itertools.count(1)
         self._replies: dict[int, trio.MemorySendChannel[_Reply]] = {}
         self._exits: dict[int, _Exit] = {}
+        #: Why the spawner last failed to start, so a cause is logged once, not every retry.
+        self._start_failure: str | None = None
 
     # --- the spawner's life -------------------------------------------------------------
 
@@ -321,7 +323,7 @@ class SpawnerLauncher:
         task_status.started()
         while True:
             if spawner is None:
-                spawner = await self._restart(delay)
+                spawner = await self._restart()
                 if spawner is None:
                     await trio.sleep(delay)
                     delay = min(delay * 2, SPAWNER_RESTART_DELAY[1])
@@ -348,16 +350,16 @@ class SpawnerLauncher:
             await trio.sleep(delay)
             delay = min(delay * 2, SPAWNER_RESTART_DELAY[1])
 
-    async def _restart(self, delay: float) -> _Spawner | None:
+    async def _restart(self) -> _Spawner | None:
         try:
             spawner = _Spawner.start(self.users)
         except OSError as exc:
-            log.error("cannot start the worker spawner: %s; retrying in %.1f s", exc, delay)
+            self._failed_start(f"cannot start the worker spawner: {exc}")
             return None
         try:
             self._check(await spawner.wait_ready())
         except (OSError, McrelayError, trio.TooSlowError) as exc:
-            log.error("the worker spawner failed to start: %s; retrying in %.1f s", exc, delay)
+            self._failed_start(f"the worker spawner failed to start: {exc or 'timed out'}")
             spawner.close_socket()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(spawner.reap)
@@ -366,7 +368,15 @@ class SpawnerLauncher:
             spawner.close()
             raise
         log.info("worker spawner restarted (pid %d)", spawner.pid)
+        self._start_failure = None
         return spawner
+
+    def _failed_start(self, why: str) -> None:
+        if why != self._start_failure:
+            log.error(
+                "%s; retrying every %.0f s at most until it starts", why, SPAWNER_RESTART_DELAY[1]
+            )
+        self._start_failure = why
 
     async def _serve(self, spawner: _Spawner) -> str:
         """Dispatch the spawner's messages until it goes away; why it did."""

@@ -266,7 +266,6 @@ class WorkerSlot:
                 await self._park()
             outcome = await self._run_once()
             if self._stopping:
-                self._fire(Event.DIED)
                 await self._park()
             if outcome == "restart":
                 self._fire(Event.DIED)
@@ -344,11 +343,14 @@ class WorkerSlot:
         self.pid = launched.pid
         log.info("worker %s started (pid %d)", self.id, launched.pid)
         status: int | None = None
+        gone = False
         try:
             async with trio.open_nursery() as nursery:
                 self._run_nursery = nursery
                 nursery.start_soon(self._converse, launched)
+                # None when the process is gone but its spawner died before telling its status.
                 status = await launched.wait()
+                gone = True
                 exited.set()
                 nursery.cancel_scope.cancel()
         finally:
@@ -356,7 +358,7 @@ class WorkerSlot:
             self.channel_ready = False
             self._launched = None
             with trio.CancelScope(shield=True):
-                if status is None:
+                if not gone:  # cancelled while it runs
                     await self._stop(launched)
                 launched.close()
             exited.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -58,6 +59,19 @@ def run_for(seconds: float, status: int = 1) -> Behaviour:
     return behaviour
 
 
+def exit_unreported(seconds: float = math.inf) -> Behaviour:
+    """Healthy for ``seconds`` (or until told to stop), then gone with no exit status known, as
+    a worker is when its spawner died before it."""
+
+    async def behaviour(channel: FrameChannel, worker: FakeWorker) -> int:
+        worker.status_unknown = True
+        with trio.move_on_after(seconds):
+            return await healthy(channel, worker)
+        return 1
+
+    return behaviour
+
+
 def hang_after(seconds: float) -> Behaviour:
     """Healthy, then stops answering anything (but does not exit) after ``seconds``."""
 
@@ -105,11 +119,13 @@ class FakeWorker:
     hung_at: float | None = None
     killed_at: float | None = None
     lies: int = 0
+    #: Its exit is seen but its status never told (the spawner died first): wait gives None.
+    status_unknown: bool = False
 
-    async def wait(self) -> int:
+    async def wait(self) -> int | None:
         await self.done.wait()
         assert self.status is not None
-        return self.status
+        return None if self.status_unknown else self.status
 
     def kill(self) -> None:
         if self.status is None and self.killed_at is None:

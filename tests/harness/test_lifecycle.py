@@ -197,3 +197,27 @@ async def test_rule_changes_during_startup_are_not_lost(autojump_clock: trio.abc
         worker = launcher.of("data-0")[0]
         assert worker.impl is not None and len(worker.impl.rules) == 2
         assert sup.slots["data-0"].acked_seq.value == sup.table.seq
+
+
+async def test_a_worker_gone_without_a_known_status_is_restarted(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Its spawner died before reporting the exit: a failure like any other, then a restart,
+    never an invalid transition that takes the supervisor down."""
+    async with running(script={"data-0": [fakes.exit_unreported(2.0)]}) as (sup, launcher):
+        await trio.sleep(5)
+        assert len(launcher.of("data-0")) == 2
+        assert sup.slots["data-0"].state.value == WorkerState.RUNNING
+        assert sup.slots["data-0"].restarts == 1
+
+
+async def test_stopping_a_worker_whose_status_is_unknown_ends_cleanly(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    script = {"data-0": [fakes.exit_unreported()], "control": [fakes.exit_unreported()]}
+    async with running(script=script) as (sup, _):
+        await sup.wait_all_running()
+        await sup.stop()
+        with trio.fail_after(1):
+            for slot in sup.slots.values():
+                await slot.state.wait_value(WorkerState.EXITED)
