@@ -56,23 +56,23 @@ PAGE_BYTES = (HEADER_WORDS + CELLS * CELL_WORDS) * WORD
 _USED, _KERNEL_DROPS = 0, 1
 
 
-def _tag(kind: bytes, *names: str) -> int:
-    data = b"\0".join((kind, *(n.encode() for n in names)))
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1 | 1
+def _tag(name: str) -> int:
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1 | 1
 
 
 def rule_tag(rule_id: str) -> int:
     """The tag of rule ``rule_id``'s input cell."""
-    return _tag(b"in", rule_id)
+    return _tag(f"in\0{rule_id}")
 
 
 def output_tag(rule_id: str, output: str) -> int:
     """The tag of the cell of ``output`` (its text form, ``ADDR:PORT:IF[:TTL]``) of a rule."""
-    return _tag(b"out", rule_id, output)
+    return _tag(f"out\0{rule_id}\0{output}")
 
 
 def drop_tag(reason: str) -> int:
-    return _tag(b"drop", reason)
+    return _tag(f"drop\0{reason}")
 
 
 def private_cell() -> memoryview:
