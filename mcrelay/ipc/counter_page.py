@@ -27,12 +27,15 @@ The page is the worker's to write, so what the supervisor reads from it is untru
 from __future__ import annotations
 
 import hashlib
+import logging
 import mmap
 import os
 from collections.abc import Iterator
 
 from mcrelay.ipc.messages import MAX_COUNT, MAX_DROP_REASONS
 from mcrelay.rules import MAX_RULES, MAX_TABLE_OUTPUTS
+
+log = logging.getLogger("mcrelay.data")
 
 __all__ = [
     "CELLS",
@@ -93,7 +96,7 @@ class Cells:
         self._index: dict[int, int] = {}
         self._free: list[int] = []
         self._used = 0
-        self.full = False
+        self._full = False
 
     @property
     def in_page(self) -> bool:
@@ -123,7 +126,9 @@ class Cells:
         if words is None or index >= CELLS:
             # No page (yet), or it is full (the table is bounded so that it is not): counted
             # all the same, only not kept through a crash.
-            self.full = words is not None
+            if words is not None and not self._full:
+                self._full = True
+                log.error("the counter page is full: further counters are lost if this worker dies")
             cell = private_cell()
         else:
             if index == self._used:
