@@ -247,19 +247,18 @@ class DataWorker:
         """A route counting in the rule's cells: a rule id and output keep their counts across
         edits of the rule, as long as this worker holds them."""
         cell = self._cells.cell
-        tags = {rule_tag(rule.id)}
+        in_tag = rule_tag(rule.id)
+        out_tags = [output_tag(rule.id, str(o)) for o in rule.outputs]
+        self._tagged[rule.id] = (rule, frozenset((in_tag, *out_tags)))  # before any is taken
         outputs = []
-        for o in rule.outputs:
+        for o, tag in zip(rule.outputs, out_tags, strict=True):
             sock, gso_max = self._sockets.get(*_output_key(o))
-            tag = output_tag(rule.id, str(o))
-            tags.add(tag)
             outputs.append(Output(sock, Destination(o.group, o.port), gso_max, counts=cell(tag)))
-        self._tagged[rule.id] = (rule, frozenset(tags))
         source = rule.input.source
         return Route(
             outputs=tuple(outputs),
             source=_address(source) if source else None,
-            counts=cell(rule_tag(rule.id)),
+            counts=cell(in_tag),
         )
 
     def _release_cells(self) -> None:
