@@ -591,7 +591,11 @@ class _DataRole:
     def released(self, slot: WorkerSlot, pid: int) -> None:
         self._sup.dataplane.worker_gone(slot, pid)
         sup = self._sup
-        final = sup.counter_pages.take(slot.id, pid, sup.table.rules)
+        try:
+            final = sup.counter_pages.take(slot.id, pid, sup.table.rules)
+        except Exception:  # a bug reading one page must not take the daemon down
+            log.exception("reading the counter page of %s (pid %d) failed", slot.id, pid)
+            final = None
         lowered = sup.stats.retire(slot.id, pid, final, sup.table.by_id)
         if lowered:
             log.warning(
