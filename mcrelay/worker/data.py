@@ -390,6 +390,15 @@ class DataWorker:
             self._revive_outputs()
             fds = [self._sockets.dead_fd] if "send-fd" in self._faults else None
             await self._channel.send(self.report(), fds)
+            if "page-garbage" in self._faults:
+                self._scribble_on_page()
+
+    def _scribble_on_page(self) -> None:
+        """What a compromised worker could leave for the supervisor to read after its death."""
+        for tag in list(self._cells.held()):
+            cell = self._cells.cell(tag)
+            cell[1] = cell[2] = cell[3] = 2**64 - 1
+        log.error("fault injected: page-garbage")
 
     def _revive_outputs(self) -> None:
         """Reopen outputs whose interface was missing or has gone away and come back."""
