@@ -5,7 +5,8 @@ that its size can never change, maps it, and passes it to the worker (`CounterPa
 The worker keeps every counter it has in the page, and the supervisor reads the page once the
 process has been reaped, whatever killed it: nothing the worker counted is lost.
 
-Layout, in native 64-bit words (aligned stores of which no reader sees torn)::
+Layout, in native 64-bit words (aligned, so a reader never sees one half-written; the
+supervisor reads the page only once its writer is dead anyway)::
 
     word 0        cells in use (a high-water mark: cells past it were never written)
     word 1        kernel drops, as the worker last read them from its rings
@@ -17,7 +18,7 @@ needs the other's layout, and the supervisor turns tags back into names from its
 (:func:`rule_tag`, :func:`output_tag`, :func:`drop_tag`). A rule's input cell holds
 (packets, bytes, 0), an output's (packets, bytes, errors), a drop reason's (count, 0, 0). A
 tag of 0 marks a free cell. The worker zeroes a cell's counts before it writes its tag, and
-frees it by clearing the tag first.
+frees a cell by clearing its tag.
 
 The page is the worker's to write, so what the supervisor reads from it is untrusted:
 :func:`read` bounds the cell count by the page, skips cells with a count over
