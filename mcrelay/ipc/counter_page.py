@@ -137,7 +137,7 @@ class Cells:
                 words[_USED] = self._used
             start = HEADER_WORDS + index * CELL_WORDS
             cell = words[start : start + CELL_WORDS]
-            cell[1:] = private_cell()[1:]  # counts first, then the tag that names them
+            cell[1] = cell[2] = cell[3] = 0  # counts first, then the tag that names them
             self._index[tag] = index
         cell[0] = tag
         self._held[tag] = cell
