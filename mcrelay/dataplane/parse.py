@@ -36,6 +36,11 @@ _LABELS = {
     Drop.NOT_UDP: "not_udp",
     Drop.OUTGOING: "outgoing",
 }
+#: Drops the relay counts after parsing: no rule for the destination, no rule for the sender.
+NO_RULE = "no_rule"
+SOURCE_FILTERED = "source_filtered"
+#: Every drop reason a data worker counts.
+DROP_REASONS = (*_LABELS.values(), NO_RULE, SOURCE_FILTERED)
 
 ETH_HLEN = 14
 

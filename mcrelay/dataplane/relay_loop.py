@@ -37,6 +37,7 @@ from mcrelay.dataplane.ring import (
     Block,
     RxRing,
 )
+from mcrelay.ipc.counter_page import private_cell
 
 __all__ = [
     "BlockCounts",
@@ -80,15 +81,26 @@ def key_from_bytes(key: bytes) -> int:
 
 @dataclass(eq=False, slots=True)
 class Output:
-    """One destination of a rule; counters are updated once per block."""
+    """One destination of a rule; counters are updated once per block, in place in `counts`."""
 
     sock: socket.socket
     dest: Destination | None  # None: the socket is connected to the destination
     gso_max: int = 0  # `egress.udp_gso_max(interface)`; 0 sends one message per datagram
-    packets: int = 0
-    bytes: int = 0
-    errors: int = 0
     last_error: int = 0  # errno
+    #: [tag, packets, bytes, errors]: a cell of the worker's counter page (or a private one).
+    counts: memoryview = field(default_factory=private_cell, repr=False)
+
+    @property
+    def packets(self) -> int:
+        return int(self.counts[1])
+
+    @property
+    def bytes(self) -> int:
+        return int(self.counts[2])
+
+    @property
+    def errors(self) -> int:
+        return int(self.counts[3])
 
 
 @dataclass(eq=False, slots=True)
@@ -101,13 +113,21 @@ class Route:
 
     outputs: tuple[Output, ...]
     source: int | None = None  # the rule's input source address; None: any sender
-    packets: int = 0
-    bytes: int = 0
+    #: [tag, packets, bytes, 0]: a cell of the worker's counter page (or a private one).
+    counts: memoryview = field(default_factory=private_cell, repr=False)
     # Set on a switch only: the route for each source address, and the one for any other.
     by_source: dict[int, Route] | None = field(default=None, repr=False)
     fallback: Route | None = field(default=None, repr=False)
     # relay_block's scratch: this block's payloads as address, length pairs
     pending: list[int] = field(default_factory=list, init=False, repr=False)
+
+    @property
+    def packets(self) -> int:
+        return int(self.counts[1])
+
+    @property
+    def bytes(self) -> int:
+        return int(self.counts[2])
 
     @classmethod
     def switch(cls, routes: Iterable[Route]) -> Route:
@@ -241,20 +261,22 @@ def relay_block(
             pending = route.pending
             n = len(pending) >> 1
             matched += n
-            route.packets += n
-            route.bytes += sum(pending[1::2])
+            counts = route.counts
+            counts[1] += n
+            counts[2] += sum(pending[1::2])
             if not route.outputs:
                 continue
             iovecs = array(IOVEC_TYPECODE, pending)
             for out in route.outputs:
+                counts = out.counts
                 i = 0
                 while i < len(iovecs):
                     i = batch.extend(out.dest, iovecs, i, gso_max=out.gso_max)
                     result = batch.flush(out.sock)
-                    out.packets += result.sent
-                    out.bytes += result.sent_bytes
+                    counts[1] += result.sent
+                    counts[2] += result.sent_bytes
                     if result.failed:
-                        out.errors += result.failed
+                        counts[3] += result.failed
                         out.last_error = result.error
                         if out.gso_max and result.error in _GSO_REFUSED:
                             out.gso_max = 0  # from the next block on, one message each

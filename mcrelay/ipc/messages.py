@@ -105,6 +105,12 @@ class DetachCapture(_Msg, tag="detach-capture"):
     interface: str
 
 
+class CounterPage(_Msg, tag="counter-page"):
+    """Carries the worker's counter page (one fd, a sealed memfd): the worker keeps its
+    counters there, where the supervisor reads them after the process is gone, however it
+    died (layout: `mcrelay.ipc.counter_page`). Sent once per process, before any rules."""
+
+
 class OutputCounters(msgspec.Struct, array_like=True):
     packets: Count = 0
     bytes: Count = 0
@@ -213,6 +219,7 @@ SupervisorToWorker = (
     | ListenSocket
     | AttachCapture
     | DetachCapture
+    | CounterPage
     | ControlReply
 )
 WorkerToSupervisor = Hello | HeartbeatAck | RuleAck | StatsReport | ControlRequest

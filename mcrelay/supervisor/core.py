@@ -23,6 +23,7 @@ from mcrelay.errors import McrelayError, ProtocolError, RuleError
 from mcrelay.ipc import messages as m
 from mcrelay.rules import Rule
 from mcrelay.supervisor import costs
+from mcrelay.supervisor.counter_pages import CounterPages
 from mcrelay.supervisor.launcher import Launcher, WorkerSpec
 from mcrelay.supervisor.memberships import max_memberships_per_socket
 from mcrelay.supervisor.persistence import RuleStore, StateNotDurable
@@ -125,6 +126,8 @@ class Supervisor:
         self._interface_exists = interface_exists
         self.dataplane: DataPlane = dataplane or NoDataPlane()
         self.stats = StatsBook()
+        #: Each data-worker process's counter page, read when the process is gone.
+        self.counter_pages = CounterPages()
         self.log_level = trio_util.AsyncValue(settings.log_level)
         #: Serialises rule-table changes and the kernel plumbing that follows them.
         self.changes = trio.Lock()
@@ -571,10 +574,37 @@ class _DataRole:
     async def provision(self, slot: WorkerSlot) -> None:
         slot.rule_count = None
         slot.acked_seq.value = -1
+        await self._send_counter_page(slot)
         await self._sup.sync_worker(slot)
+
+    async def _send_counter_page(self, slot: WorkerSlot) -> None:
+        """Before any rule: so every count the process makes is in its page."""
+        pid = slot.pid
+        fd = None if pid is None else self._sup.counter_pages.open(slot.id, pid)
+        if fd is None:
+            return
+        try:
+            await slot.send_during_provisioning(m.CounterPage(), [fd])
+        finally:
+            os.close(fd)
 
     def released(self, slot: WorkerSlot, pid: int) -> None:
         self._sup.dataplane.worker_gone(slot, pid)
+        sup = self._sup
+        try:
+            final = sup.counter_pages.take(slot.id, pid, sup.table.rules)
+        except Exception:  # a bug reading one page must not take the daemon down
+            log.exception("reading the counter page of %s (pid %d) failed", slot.id, pid)
+            final = None
+        lowered = sup.stats.retire(slot.id, pid, final, sup.table.by_id)
+        if lowered:
+            log.warning(
+                "worker %s (pid %d) left %d counters in its counter page below what it had "
+                "reported: the reported ones are kept",
+                slot.id,
+                pid,
+                lowered,
+            )
 
     async def handle(self, slot: WorkerSlot, message: Any, nursery: trio.Nursery) -> None:
         if isinstance(message, m.RuleAck):

@@ -216,6 +216,7 @@ async def serve(
             fatal = True
         finally:
             sup.dataplane.close()
+            sup.counter_pages.close()
     if fatal:
         return 3
     log.info("supervisor stopped")

@@ -1,7 +1,11 @@
 """Merging counters pushed by data workers into one view that survives worker restarts.
 
-Workers push cumulative counters since they started. When a worker's pid changes, its last report
-is folded into ``retired`` totals, so a crash loses at most one push interval of counts.
+Workers push cumulative counters since they started, once a second: the live view and the
+rates. When a worker process is gone, however it died, what its counter page held at its death
+(`mcrelay.supervisor.counter_pages`) is folded into ``retired`` totals, so a crash loses no
+count. The page is the worker's to write: a count below what the worker last reported is taken
+as reported, and one out of bounds never reaches the totals. A process without a page has its
+last report folded instead (it then loses what it counted since).
 
 Reports are trusted no further than the table: counters of rules and outputs the table does not
 hold are dropped on arrival, and retired totals are pruned to the table whenever it changes, so
@@ -75,6 +79,29 @@ class StatsBook:
         if current is not None:
             self._retired.add(current.report)
         self._live[worker_id] = _Incarnation(pid, report, now)
+
+    def retire(
+        self,
+        worker_id: str,
+        pid: int,
+        final: StatsReport | None,
+        rules: Mapping[str, Rule],
+    ) -> int:
+        """Process ``pid`` of ``worker_id`` is gone: fold ``final`` (its counter page), never
+        below its last report, or else that report, into the retired totals. How many of the
+        page's counts were below the report (0 for a sane worker)."""
+        current = self._live.get(worker_id)
+        last = None
+        if current is not None and current.pid == pid:
+            del self._live[worker_id]
+            last = current.report
+        if final is None:
+            if last is not None:
+                self._retired.add(last)
+            return 0
+        final, lowered = _at_least(_known_only(final, rules), last)
+        self._retired.add(final)
+        return lowered
 
     def prune(self, rules: Mapping[str, Rule]) -> None:
         """Forget retired counters of rules and outputs no longer in the table."""
@@ -151,6 +178,38 @@ def _known_only(report: StatsReport, rules: Mapping[str, Rule]) -> StatsReport:
             known = {k: v for k, v in counters.outputs.items() if k in outputs}
             kept[rule_id] = RuleCounters(counters.packets_in, counters.bytes_in, known)
     return StatsReport(rules=kept, drops=report.drops, kernel_drops=report.kernel_drops)
+
+
+def _at_least(report: StatsReport, floor: StatsReport | None) -> tuple[StatsReport, int]:
+    """``report`` with every count raised to ``floor``'s where it is lower, and how many were."""
+    if floor is None:
+        return report, 0
+    lowered = 0
+
+    def most(value: int, low: int) -> int:
+        nonlocal lowered
+        if value < low:
+            lowered += 1
+            return low
+        return value
+
+    rules = dict(report.rules)
+    for rule_id, low in floor.rules.items():
+        got = rules.get(rule_id, RuleCounters())
+        outputs = dict(got.outputs)
+        for key, lo in low.outputs.items():
+            o = outputs.get(key, OutputCounters())
+            outputs[key] = OutputCounters(
+                most(o.packets, lo.packets), most(o.bytes, lo.bytes), most(o.errors, lo.errors)
+            )
+        rules[rule_id] = RuleCounters(
+            most(got.packets_in, low.packets_in), most(got.bytes_in, low.bytes_in), outputs
+        )
+    drops = dict(report.drops)
+    for reason, count in floor.drops.items():
+        drops[reason] = most(drops.get(reason, 0), count)
+    kernel = max(report.kernel_drops, floor.kernel_drops)
+    return StatsReport(rules=rules, drops=drops, kernel_drops=kernel), lowered
 
 
 def _rate(delta: int, span: float) -> float:

@@ -6,18 +6,19 @@ are the supervisor's: the worker never sets an option on a capture socket (it on
 and reads its statistics), and its process forbids itself to at start (`mcrelay.system.seccomp`),
 so code that takes the worker over cannot detach the filter either. Rules become per-interface
 route tables keyed by destination address and port; output sockets are opened when a rule is
-installed, never per packet. Counters live on the route objects and are pushed to the supervisor
-once a second.
+installed, never per packet. Counters live in cells of the counter page the supervisor passed
+(`mcrelay.ipc.counter_page`), so the supervisor reads them even after a SIGKILL; they are also
+pushed to it once a second, for rates.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import errno
 import gc
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +27,7 @@ import trio
 
 from mcrelay import rules as rules_mod
 from mcrelay.dataplane.egress import Destination, SendBatch, open_output_socket, udp_gso_max
-from mcrelay.dataplane.parse import Drop, parse_udp
+from mcrelay.dataplane.parse import NO_RULE, SOURCE_FILTERED, Drop, parse_udp
 from mcrelay.dataplane.relay_loop import (
     BlockCounts,
     Output,
@@ -37,6 +38,7 @@ from mcrelay.dataplane.relay_loop import (
 )
 from mcrelay.dataplane.ring import RxRing
 from mcrelay.ipc import messages as m
+from mcrelay.ipc.counter_page import Cells, drop_tag, output_tag, rule_tag
 from mcrelay.ipc.framing import FrameChannel
 from mcrelay.rules import Rule
 
@@ -145,10 +147,13 @@ class DataWorker:
         self._routes: dict[str, tuple[Rule, Route]] = {}
         #: Rules held but not installed (rule id → why); retried at every rule change.
         self.failed: dict[str, str] = {}
-        self._retired: dict[str, m.RuleCounters] = {}
         self._captures: dict[str, _Capture] = {}
         self._sockets = _OutputSockets()
-        self._drops: collections.Counter[str] = collections.Counter()
+        #: Every counter, in the supervisor's counter page once it has arrived.
+        self._cells = Cells()
+        #: Tags of the cells each rule holds, and the rule they were made for.
+        self._tagged: dict[str, tuple[Rule, frozenset[int]]] = {}
+        self._drops: dict[str, memoryview] = {}
         self._kernel_drops = 0
         self._batch = SendBatch()
         self._nursery: trio.Nursery | None = None
@@ -173,6 +178,9 @@ class DataWorker:
                 self._attach(interface, socket.socket(fileno=fd))
             case m.DetachCapture(interface=interface):
                 self._detach(interface)
+            case m.CounterPage():
+                (fd,) = self._channel.take_fds(1)
+                self._attach_page(fd)
             case _:
                 log.warning("unexpected %s from the supervisor", type(message).__name__)
 
@@ -200,6 +208,7 @@ class DataWorker:
             self._rebuild_routes_now()
 
     def _rebuild_routes_now(self) -> None:
+        self._release_cells()
         old = self._routes
         self._routes = {}
         failed: dict[str, str] = {}
@@ -208,16 +217,10 @@ class DataWorker:
             if kept is not None and kept[0] == rule:
                 self._routes[rule.id] = kept
             else:
-                if kept is not None:
-                    self._retire(rule.id, kept[0], kept[1])
                 route = self._try_route(rule, failed)
                 if route is not None:
                     self._routes[rule.id] = (rule, route)
         self.failed = failed
-        for rule_id, (rule, route) in old.items():
-            self._retire(rule_id, rule, route)
-        # Counts of rules no longer held are not reported: memory follows the table.
-        self._retired = {k: v for k, v in self._retired.items() if k in self.rules}
         in_use = {_output_key(o) for rule, _ in self._routes.values() for o in rule.outputs}
         unused = {k for rule, _ in old.values() for o in rule.outputs if (k := _output_key(o))}
         self._sockets.forget(unused - in_use)
@@ -241,12 +244,52 @@ class DataWorker:
             return None
 
     def _make_route(self, rule: Rule) -> Route:
+        """A route counting in the rule's cells: a rule id and output keep their counts across
+        edits of the rule, as long as this worker holds them."""
+        cell = self._cells.cell
+        in_tag = rule_tag(rule.id)
+        out_tags = [output_tag(rule.id, str(o)) for o in rule.outputs]
+        self._tagged[rule.id] = (rule, frozenset((in_tag, *out_tags)))  # before any is taken
         outputs = []
-        for o in rule.outputs:
+        for o, tag in zip(rule.outputs, out_tags, strict=True):
             sock, gso_max = self._sockets.get(*_output_key(o))
-            outputs.append(Output(sock, Destination(o.group, o.port), gso_max))
+            outputs.append(Output(sock, Destination(o.group, o.port), gso_max, counts=cell(tag)))
         source = rule.input.source
-        return Route(outputs=tuple(outputs), source=_address(source) if source else None)
+        return Route(
+            outputs=tuple(outputs),
+            source=_address(source) if source else None,
+            counts=cell(in_tag),
+        )
+
+    def _release_cells(self) -> None:
+        """Free the cells of rules no longer held and of outputs a changed rule no longer has,
+        before any new one is taken: the page holds the largest table, not two of them."""
+        for rule_id, (rule, tags) in list(self._tagged.items()):
+            now = self.rules.get(rule_id)
+            if now == rule:
+                continue
+            keep: set[int] = set()
+            if now is None:
+                del self._tagged[rule_id]
+            else:
+                keep = {rule_tag(rule_id), *(output_tag(rule_id, str(o)) for o in now.outputs)}
+            for tag in tags - keep:
+                self._cells.release(tag)
+
+    def _attach_page(self, fd: int) -> None:
+        """Keep every counter in the supervisor's page from now on (counts so far included)."""
+        if self._cells.in_page:
+            os.close(fd)
+            log.warning("a second counter page from the supervisor: ignored")
+            return
+        try:
+            self._cells.attach(fd)
+        except (OSError, ValueError) as exc:
+            log.error("cannot map the counter page: %s (counters are kept privately)", exc)
+            return
+        self._drops = {label: self._cells.cell(drop_tag(label)) for label in self._drops}
+        self._routes = {}  # every route again, counting in the page
+        self._rebuild_routes()
 
     def _install(self, capture: _Capture) -> None:
         """Point the capture's route table at the current rules (the supervisor keeps the
@@ -258,14 +301,6 @@ class DataWorker:
             key = route_key(rule.input.group, rule.input.port)
             by_key.setdefault(key, []).append(route)
         capture.table = {key: Route.switch(routes) for key, routes in by_key.items()}
-
-    def _retire(self, rule_id: str, rule: Rule, route: Route) -> None:
-        """Keep a replaced route's counts, so this worker's totals never go backwards."""
-        now = self._counters(rule, route)
-        before = self._retired.get(rule_id)
-        if before is not None:
-            now = _add(before, now)
-        self._retired[rule_id] = now
 
     # --- captures -------------------------------------------------------------------------
 
@@ -293,9 +328,9 @@ class DataWorker:
     async def _relay(self, capture: _Capture) -> None:
         def counted(counts: BlockCounts) -> None:
             if counts.unmatched:
-                self._drops["no_rule"] += counts.unmatched
+                self._count_drop(NO_RULE, counts.unmatched)
             if counts.filtered:
-                self._drops["source_filtered"] += counts.filtered
+                self._count_drop(SOURCE_FILTERED, counts.filtered)
 
         try:
             with capture.scope:
@@ -304,6 +339,7 @@ class DataWorker:
             log.error("capture on %s failed: %s", capture.interface, exc)
         finally:
             self._kernel_drops += capture.ring.stats().drops
+            self._cells.set_kernel_drops(self._kernel_drops)
             capture.ring.close()
             if self._captures.get(capture.interface) is capture:
                 del self._captures[capture.interface]
@@ -312,12 +348,18 @@ class DataWorker:
         """Frames the fast path declines: parse fully, count what cannot be relayed."""
         parsed = parse_udp(frame)
         if isinstance(parsed, Drop):
-            self._drops[parsed.label] += 1
+            self._count_drop(parsed.label, 1)
             return None
         key, src, start, end = parsed
         return key_from_bytes(key), start, end - start, int.from_bytes(src, "big")
 
     # --- statistics -----------------------------------------------------------------------
+
+    def _count_drop(self, reason: str, count: int) -> None:
+        cell = self._drops.get(reason)
+        if cell is None:
+            cell = self._drops[reason] = self._cells.cell(drop_tag(reason))
+        cell[1] += count
 
     def _counters(self, rule: Rule, route: Route) -> m.RuleCounters:
         return m.RuleCounters(
@@ -330,14 +372,17 @@ class DataWorker:
         )
 
     def report(self) -> m.StatsReport:
-        rules: dict[str, m.RuleCounters] = dict(self._retired)
-        for rule_id, (rule, route) in self._routes.items():
-            live = self._counters(rule, route)
-            rules[rule_id] = _add(rules[rule_id], live) if rule_id in rules else live
+        """Cumulative counts since this worker started; a rule's and an output's survive edits
+        of the rule (they are per rule id and output), not its removal."""
+        rules = {
+            rule_id: self._counters(rule, route) for rule_id, (rule, route) in self._routes.items()
+        }
         kernel = self._kernel_drops + sum(c.ring.stats().drops for c in self._captures.values())
+        self._cells.set_kernel_drops(kernel)
         if "stats-overflow" in self._faults:
             kernel = 2**64 - 1
-        return m.StatsReport(rules=rules, drops=dict(self._drops), kernel_drops=kernel)
+        drops = {label: int(cell[1]) for label, cell in self._drops.items()}
+        return m.StatsReport(rules=rules, drops=drops, kernel_drops=kernel)
 
     async def _report_stats(self) -> None:
         while True:
@@ -345,6 +390,15 @@ class DataWorker:
             self._revive_outputs()
             fds = [self._sockets.dead_fd] if "send-fd" in self._faults else None
             await self._channel.send(self.report(), fds)
+            if "page-garbage" in self._faults:
+                self._scribble_on_page()
+
+    def _scribble_on_page(self) -> None:
+        """What a compromised worker could leave for the supervisor to read after its death."""
+        for tag in list(self._cells.held()):
+            cell = self._cells.cell(tag)
+            cell[1] = cell[2] = cell[3] = 2**64 - 1
+        log.error("fault injected: page-garbage")
 
     def _revive_outputs(self) -> None:
         """Reopen outputs whose interface was missing or has gone away and come back."""
@@ -383,17 +437,3 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
-
-
-def _add(a: m.RuleCounters, b: m.RuleCounters) -> m.RuleCounters:
-    outputs = dict(a.outputs)
-    for key, oc in b.outputs.items():
-        prev = outputs.get(key)
-        outputs[key] = (
-            oc
-            if prev is None
-            else m.OutputCounters(
-                prev.packets + oc.packets, prev.bytes + oc.bytes, prev.errors + oc.errors
-            )
-        )
-    return m.RuleCounters(a.packets_in + b.packets_in, a.bytes_in + b.bytes_in, outputs)

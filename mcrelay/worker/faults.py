@@ -4,8 +4,9 @@ When PATH exists as a worker starts, each line ``KIND:FAULT`` applies to workers
 ``crash-on-start`` (exit at once with status 3) or ``hang`` (stop answering heartbeats); data
 workers also take what a broken or compromised worker could say: ``bad-digest`` (acknowledge
 every rule set with a wrong digest), ``stats-overflow`` (report a counter of 2^64 − 1),
-``send-fd`` (pass a descriptor with its counters) and ``install-fail`` (fail to install every
-rule whose id starts with ``fail``, as any exception in one rule's installation would). The
+``send-fd`` (pass a descriptor with its counters), ``install-fail`` (fail to install every
+rule whose id starts with ``fail``, as any exception in one rule's installation would) and
+``page-garbage`` (after each report, set every count in its counter page to 2^64 − 1). The
 supervisor reads the file when it spawns a worker and passes the faults on its command line.
 ``supervisor:state-dir-fsync`` makes the supervisor's sync of its state directory fail (after
 the rule file was renamed into place), read at every save; ``supervisor:state-write`` makes its
@@ -26,6 +27,7 @@ KNOWN_FAULTS = frozenset(
         "stats-overflow",
         "send-fd",
         "install-fail",
+        "page-garbage",
         "state-dir-fsync",
         "state-write",
     }

@@ -4,6 +4,8 @@ the supervisor stays up and keeps answering (faults injected with ``MCRELAY_FAUL
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,22 @@ def test_a_worker_that_says_something_wrong_is_restarted(
         assert "Traceback" not in log
         if fault == "bad-digest":  # resyncs were bounded, not one per wrong ack
             assert log.count("resyncing") <= 3 * healthy["restarts"]
+
+
+def test_garbage_in_a_dead_workers_counter_page_is_refused(tmp_path: Path) -> None:
+    faults = tmp_path / "faults"
+    faults.write_text("data:page-garbage\n")
+    with daemon(tmp_path, "--num-workers", "1", env={"MCRELAY_FAULT_FILE": str(faults)}) as d:
+        d.ok("add", *RULE)
+        victim = d.workers()["data-0"]["pid"]
+        wait_for(lambda: "fault injected: page-garbage" in d.log.read_text(), 10)
+        faults.unlink()
+        os.kill(victim, signal.SIGKILL)
+        d.wait_replaced("data-0", victim)
+        wait_for(lambda: "out of bounds in its counter page: ignored" in d.log.read_text(), 5)
+        stats = json.loads(d.ok("stats", "--json"))
+        (rule,) = stats["rules"]
+        assert (rule["packets_in"], rule["bytes_in"]) == (0, 0)
+        assert [(o["packets"], o["errors"]) for o in rule["outputs"]] == [(0, 0)]
+        assert d.proc.poll() is None
+        assert "Traceback" not in d.log.read_text()

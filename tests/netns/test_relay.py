@@ -320,6 +320,55 @@ def test_counters_survive_a_worker_kill(chain: topology.Chain, relay: Daemon) ->
     assert stats(relay)["rules"][0]["packets_in"] == 3000
 
 
+def _udp_delivered(pid: int) -> int:
+    """UDP datagrams delivered to sockets in the network namespace process ``pid`` is in."""
+    with open(f"/proc/{pid}/net/snmp") as f:
+        header, values = (line.split() for line in f if line.startswith("Udp:"))
+    return int(values[header.index("InDatagrams")])
+
+
+def test_stats_after_a_kill_mid_stream_equal_what_the_sink_received(
+    chain: topology.Chain, tmp_path: Path
+) -> None:
+    """The worker is killed while it relays, between two of its once-a-second pushes: the
+    counts it made since the last one must reach `stats` all the same."""
+    with relay_daemon(chain.relay, tmp_path, "--num-workers", "1") as relay:
+        add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}")
+        victim = relay.workers()["data-0"]["pid"]
+        with sink(chain.sink, OUT_GROUP, OUT_PORT, chain.sink_if, "--count", "6000",
+                  "--idle-timeout", "2") as s:  # fmt: skip
+            before = _udp_delivered(s.proc.pid)
+            stream = gen(chain.gen, GROUP, PORT, "--rate", "10000", "--count", "5000")
+            try:
+                # Mid-stream, by what the sink has: 1,000 of the 5,000 relayed.
+                wait_for(lambda: _udp_delivered(s.proc.pid) - before >= 1000, 10, 0.001)
+                os.kill(victim, signal.SIGKILL)
+                relayed_by_victim = _udp_delivered(s.proc.pid) - before
+            finally:
+                stream.communicate(timeout=30)
+            assert stream.returncode == 0
+            relay.wait_replaced("data-0", victim)
+            run_gen(chain.gen, GROUP, PORT, "--rate", "10000", "--count", "1000")
+            received = s.result()["received"]
+
+        def settled() -> tuple[int, int] | None:
+            (rule,) = stats(relay)["rules"]  # type: ignore[misc]
+            counted = (rule["packets_in"], rule["outputs"][0]["packets"])
+            return counted if counted == (received, received) else None
+
+        print(f"\nkill -9 mid-stream: sink received {received}, the killed worker had relayed "
+              f"about {relayed_by_victim} of 5000")  # fmt: skip
+        assert 2000 <= received < 6000
+        try:
+            wait_for(settled, timeout=5)
+        except AssertionError:
+            (rule,) = stats(relay)["rules"]  # type: ignore[misc]
+            raise AssertionError(
+                f"sink received {received}, stats count {rule['packets_in']} in and "
+                f"{rule['outputs'][0]['packets']} out"
+            ) from None
+
+
 def _status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
