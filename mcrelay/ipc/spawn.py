@@ -89,10 +89,22 @@ def unpack(
     if not data:
         _close_all(fds)
         raise ChannelClosed("the other end closed the spawner socket")
-    if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+    if flags & socket.MSG_TRUNC:
         _close_all(fds)
         raise ProtocolError("truncated spawner message")
+    if flags & socket.MSG_CTRUNC:
+        _close_all(fds)
+        raise DescriptorsLost(data)
     return data, list(fds)
+
+
+class DescriptorsLost(ProtocolError):
+    """The message arrived whole, but not its descriptors: the receiver had no room for them
+    (out of descriptors). The message is in ``data``; the stream is still in step."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__("descriptors lost in transit (the receiver is out of descriptors)")
+        self.data = data
 
 
 def ancillary_space(nfds: int) -> int:

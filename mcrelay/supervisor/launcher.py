@@ -385,8 +385,17 @@ class SpawnerLauncher:
                 data, ancdata, flags, _ = await spawner.tsock.recvmsg(
                     sp.MAX_MESSAGE, sp.ancillary_space(1)
                 )
-                payload, fds = sp.unpack(data, ancdata, flags)
-                message = sp.decode_reply(payload)
+                try:
+                    payload, fds = sp.unpack(data, ancdata, flags)
+                except sp.DescriptorsLost as lost:
+                    payload, fds = lost.data, []
+                    message = sp.decode_reply(payload)
+                    if isinstance(message, sp.Spawned):
+                        # Its pidfd is lost: a failed start. Its requester closes our end of
+                        # its channel, so the child exits by itself and is reported Exited.
+                        message = sp.SpawnFailed(id=message.id, error=str(lost))
+                else:
+                    message = sp.decode_reply(payload)
             except ChannelClosed:
                 return "its socket closed"
             except (OSError, ProtocolError) as exc:
