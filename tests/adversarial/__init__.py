@@ -22,6 +22,7 @@ import msgspec
 
 from mcrelay import client
 from mcrelay.ipc import messages as m
+from mcrelay.ipc.framing import MORE_FRAGMENTS
 from mcrelay.rules import Output, Rule, RuleInput
 from tests.integration.daemon import Daemon, daemon, wait_for
 
@@ -75,16 +76,21 @@ class Outcome:
 
 
 def split_frames(raw: bytes) -> tuple[list[Any], bytes]:
+    """The whole messages in ``raw`` (a large one comes as fragments) and the bytes after."""
     frames = []
-    pos = 0
+    pos = done = 0
+    fragments: list[bytes] = []
     while len(raw) - pos >= HEADER.size:
-        (length,) = HEADER.unpack_from(raw, pos)
+        (prefix,) = HEADER.unpack_from(raw, pos)
+        length = prefix & ~MORE_FRAGMENTS
         if len(raw) - pos - HEADER.size < length:
             break
-        body = raw[pos + HEADER.size : pos + HEADER.size + length]
-        frames.append(_server_decoder.decode(body))  # every answer must decode
+        fragments.append(raw[pos + HEADER.size : pos + HEADER.size + length])
         pos += HEADER.size + length
-    return frames, raw[pos:]
+        if not prefix & MORE_FRAGMENTS:
+            frames.append(_server_decoder.decode(b"".join(fragments)))  # every answer decodes
+            fragments, done = [], pos
+    return frames, raw[done:]
 
 
 class Raw:

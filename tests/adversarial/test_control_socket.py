@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mcrelay.ipc import messages as m
-from mcrelay.ipc.framing import MAX_CLIENT_FRAME_SIZE
+from mcrelay.ipc.framing import MAX_CLIENT_FRAME_SIZE, MORE_FRAGMENTS
 from mcrelay.system.logs import LOG_LEVELS
 from mcrelay.worker.control import CLIENT_SEND_TIMEOUT
 from tests.adversarial import (
@@ -573,17 +573,20 @@ def test_half_open_after_a_partial_request(live: Live, data: st.DataObject, hell
 
 @fuzz(50)
 @given(
-    length=st.integers(MAX_CLIENT_FRAME_SIZE + 1, 2**32 - 1),
+    length=st.integers(MAX_CLIENT_FRAME_SIZE + 1, MORE_FRAGMENTS - 1),
+    more=st.booleans(),
     body=st.binary(max_size=64),
     hello=st.booleans(),
 )
 def test_oversized_frames_are_refused_before_the_body(
-    live: Live, length: int, body: bytes, hello: bool
+    live: Live, length: int, more: bool, body: bytes, hello: bool
 ) -> None:
-    """Only the header (and a few bytes) are sent: the refusal cannot have waited for the body."""
+    """Only the header (and a few bytes) are sent: the refusal cannot have waited for the body.
+    The length's top bit says whether more fragments follow; either way the length is checked."""
     d, base = live
     TRIED["oversized frame"] += 1
-    outcome = exchange(d.socket, HEADER.pack(length) + body, hello=hello, shut=False)
+    prefix = HEADER.pack(length | (MORE_FRAGMENTS if more else 0))
+    outcome = exchange(d.socket, prefix + body, hello=hello, shut=False)
     assert_refused(outcome, protocol_error=True)
     assert f"frame of {length} bytes exceeds limit {MAX_CLIENT_FRAME_SIZE}" in (
         outcome.frames[0].error or ""
