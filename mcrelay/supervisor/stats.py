@@ -69,13 +69,17 @@ class StatsBook:
         self, worker_id: str, pid: int | None, report: StatsReport, rules: Mapping[str, Rule]
     ) -> None:
         """Keep ``report`` as the latest of ``worker_id`` (process ``pid``), reduced to the
-        rules and outputs in ``rules`` (the table, by id)."""
-        report = _known_only(report, rules)
+        rules and outputs in ``rules`` (the table, by id). A rule the report does not carry
+        keeps the count the process last reported (it did not change)."""
         now = trio.current_time()
         current = self._live.get(worker_id)
         if current is not None and current.pid == pid:
+            merged = {**current.report.rules, **report.rules}
+            report = StatsReport(merged, report.drops, report.kernel_drops)
+            report = _known_only(report, rules)
             self._live[worker_id] = _Incarnation(pid, report, now, current.report, current.at)
             return
+        report = _known_only(report, rules)
         if current is not None:
             self._retired.add(current.report)
         self._live[worker_id] = _Incarnation(pid, report, now)

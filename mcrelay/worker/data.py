@@ -147,6 +147,8 @@ class DataWorker:
         self._routes: dict[str, tuple[Rule, Route]] = {}
         #: Rules held but not installed (rule id → why); retried at every rule change.
         self.failed: dict[str, str] = {}
+        #: Each rule's input count at the last report: only rules that moved are reported.
+        self._reported: dict[str, int] = {}
         self._captures: dict[str, _Capture] = {}
         self._sockets = _OutputSockets()
         #: Every counter, in the supervisor's counter page once it has arrived.
@@ -372,11 +374,19 @@ class DataWorker:
         )
 
     def report(self) -> m.StatsReport:
-        """Cumulative counts since this worker started; a rule's and an output's survive edits
-        of the rule (they are per rule id and output), not its removal."""
-        rules = {
-            rule_id: self._counters(rule, route) for rule_id, (rule, route) in self._routes.items()
-        }
+        """Cumulative counts since this worker started, of the rules whose counts changed since
+        the previous report; a rule's and an output's survive edits of the rule (they are per
+        rule id and output), not its removal. An output counts only when its rule's input does,
+        so the input count tells whether anything changed."""
+        reported = self._reported
+        rules = {}
+        for rule_id, (rule, route) in self._routes.items():
+            packets = route.packets
+            if packets != reported.get(rule_id, 0):
+                rules[rule_id] = self._counters(rule, route)
+                reported[rule_id] = packets
+        if len(reported) > len(self._routes):
+            self._reported = {k: v for k, v in reported.items() if k in self._routes}
         kernel = self._kernel_drops + sum(c.ring.stats().drops for c in self._captures.values())
         self._cells.set_kernel_drops(kernel)
         if "stats-overflow" in self._faults:
