@@ -226,8 +226,7 @@ class RxRing:
 
     def stats(self) -> RingStats:
         """Read (and so reset) the kernel counters; return the totals since the ring was made."""
-        raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS.size)
-        packets, drops, freezes = _STATS.unpack(raw)
+        packets, drops, freezes = read_statistics(self._sock)
         s = self._stats
         s.packets += packets
         s.drops += drops
@@ -261,3 +260,11 @@ class RxRing:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def read_statistics(sock: socket.socket) -> tuple[int, int, int]:
+    """Frames offered, dropped for want of a block, and ring freezes since the last read of
+    this socket's counters, by anyone (reading resets them)."""
+    raw = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _STATS.size)
+    packets, drops, freezes = _STATS.unpack(raw)
+    return packets, drops, freezes

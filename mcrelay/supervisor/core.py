@@ -71,8 +71,9 @@ class DataPlane(Protocol):
         """active, paused (input interface down) or unresolved (no such interface)."""
         ...
 
-    def worker_gone(self, slot: WorkerSlot, pid: int) -> None:
-        """Worker process ``pid`` of ``slot`` has been reaped: drop what was held for it."""
+    def worker_gone(self, slot: WorkerSlot, pid: int) -> int:
+        """Worker process ``pid`` of ``slot`` has been reaped: drop what was held for it, and
+        say how many frames its rings dropped since it last read their counters."""
         ...
 
     async def follow_links(self, sup: Supervisor) -> None:
@@ -95,8 +96,8 @@ class NoDataPlane:
     def rule_state(self, rule: Rule) -> str:
         return "active"
 
-    def worker_gone(self, slot: WorkerSlot, pid: int) -> None:
-        return None
+    def worker_gone(self, slot: WorkerSlot, pid: int) -> int:
+        return 0
 
     async def follow_links(self, sup: Supervisor) -> None:
         await trio.sleep_forever()
@@ -589,7 +590,7 @@ class _DataRole:
             os.close(fd)
 
     def released(self, slot: WorkerSlot, pid: int) -> None:
-        self._sup.dataplane.worker_gone(slot, pid)
+        late_drops = self._sup.dataplane.worker_gone(slot, pid)
         sup = self._sup
         try:
             final = sup.counter_pages.take(slot.id, pid, sup.table.rules)
@@ -597,6 +598,7 @@ class _DataRole:
             log.exception("reading the counter page of %s (pid %d) failed", slot.id, pid)
             final = None
         lowered = sup.stats.retire(slot.id, pid, final, sup.table.by_id)
+        sup.stats.retire_kernel_drops(late_drops)
         if lowered:
             log.warning(
                 "worker %s (pid %d) left %d counters in its counter page below what it had "

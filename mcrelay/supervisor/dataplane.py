@@ -10,6 +10,7 @@ dies with the worker and the kernel moves its share of the fanout group to the o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import itertools
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from mcrelay.dataplane import bpf
+from mcrelay.dataplane import bpf, ring
 from mcrelay.dataplane.capture import open_capture_socket
 from mcrelay.ipc import messages as m
 from mcrelay.rules import Rule
@@ -82,12 +83,18 @@ class KernelDataPlane:
         for interface in sorted(input_interfaces(rules) - set(held)):
             await self._attach(slot, interface, rules, provisioning=True)
 
-    def worker_gone(self, slot: WorkerSlot, pid: int) -> None:
-        self._release((slot.id, pid))
+    def worker_gone(self, slot: WorkerSlot, pid: int) -> int:
+        return self._release((slot.id, pid))
 
-    def _release(self, key: tuple[str, int | None]) -> None:
+    def _release(self, key: tuple[str, int | None]) -> int:
+        """Close the capture sockets of a worker process; the frames their rings dropped since
+        the worker last read the counters (which it can no longer report)."""
+        drops = 0
         for sock in self._held.pop(key, {}).values():
+            with contextlib.suppress(OSError):
+                drops += ring.read_statistics(sock)[1]
             sock.close()
+        return drops
 
     def rule_state(self, rule: Rule) -> str:
         """active (capturing), paused (interface down) or unresolved (no such interface).

@@ -107,6 +107,11 @@ class StatsBook:
         self._retired.add(final)
         return lowered
 
+    def retire_kernel_drops(self, count: int) -> None:
+        """Frames a dead worker's rings dropped after its last report (read by the
+        supervisor from its own copy of the capture sockets)."""
+        self._retired.kernel_drops += count
+
     def prune(self, rules: Mapping[str, Rule]) -> None:
         """Forget retired counters of rules and outputs no longer in the table."""
         self._retired.rules = _known_only(_as_report(self._retired), rules).rules

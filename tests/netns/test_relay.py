@@ -369,6 +369,26 @@ def test_stats_after_a_kill_mid_stream_equal_what_the_sink_received(
             ) from None
 
 
+def test_ring_drops_of_a_killed_worker_reach_stats(chain: topology.Chain, tmp_path: Path) -> None:
+    """A stopped worker's ring overflows and it is killed before it can report: the drops the
+    kernel counted since its last report reach `stats` all the same (the supervisor reads them
+    from its own copy of the capture socket when the worker is gone)."""
+    sent = 20_000
+    with relay_daemon(chain.relay, tmp_path, "--num-workers", "1") as relay:
+        add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}")
+        victim = relay.workers()["data-0"]["pid"]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            run_gen(chain.gen, GROUP, PORT, "--rate", "20000", "--count", str(sent))
+        finally:
+            os.kill(victim, signal.SIGKILL)
+        relay.wait_replaced("data-0", victim)
+        # The ring holds 64 blocks, each closed after 2 ms: at most a few thousand frames.
+        drops = wait_for(lambda: (k := int(stats(relay)["kernel_drops"])) > 0 and k, 5)  # type: ignore[call-overload]
+        print(f"\n{sent} datagrams to a stopped, then killed worker: {drops} ring drops counted")
+        assert sent // 2 <= drops <= sent
+
+
 def _status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
