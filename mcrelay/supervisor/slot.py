@@ -358,8 +358,14 @@ class WorkerSlot:
             self.channel_ready = False
             self._launched = None
             with trio.CancelScope(shield=True):
-                if not gone:  # cancelled while it runs
+                if not gone:  # cancelled while it runs: the supervisor is ending
                     await self._stop(launched)
+                    log.warning(
+                        "worker %s (pid %d) ended with the supervisor: it had not stopped in "
+                        "the time the stop allows",
+                        self.id,
+                        launched.pid,
+                    )
                 launched.close()
             exited.set()
             self.pid = None
