@@ -55,8 +55,8 @@ def test_parse_and_round_trip() -> None:
         (GOOD + '\n[[rule]]\nid = "x"\nbogus = 1\n', "rule 4 \\(line 25\\): unknown key"),
         (GOOD.replace("5000\noutputs", "70000\noutputs", 1), "outside 1-65535"),
         (
-            GOOD.replace('"239.1.1.2"', '"239.1.1.1"').replace(
-                'input-source = "10.0.0.5"\n', 'id = "cam1"\n'
+            GOOD.replace('"239.1.1.2"', '"239.1.1.1"', 1).replace(
+                'input-source = "10.0.0.5"\n', 'id = "cam1"\n', 1
             ),
             "duplicate rule id",
         ),
