@@ -81,7 +81,7 @@ def _address(text: str, what: str) -> int:
     ipaddress, which matters for the 100,000 addresses of a large table)."""
     try:
         value = int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
-    except (OSError, TypeError):
+    except (OSError, TypeError, ValueError):  # ValueError: an embedded NUL
         raise RuleError(f"{what}: {text!r} is not an IPv4 address") from None
     if value in (0, 0xFFFFFFFF):
         raise RuleError(f"{what}: {text} cannot be relayed")

@@ -25,6 +25,7 @@ def test_default_id_is_stable_hash_of_input() -> None:
     ("kwargs", "message"),
     [
         ({"group": "239.1.1"}, "not an IPv4 address"),
+        ({"group": "239.1.1.1\x00"}, "not an IPv4 address"),
         ({"group": "224.0.0.251"}, "link-local"),
         ({"port": 0}, "outside 1-65535"),
         ({"port": 70000}, "outside 1-65535"),
