@@ -6,9 +6,9 @@ are the supervisor's: the worker never sets an option on a capture socket (it on
 and reads its statistics), and its process forbids itself to at start (`mcrelay.system.seccomp`),
 so code that takes the worker over cannot detach the filter either. Rules become per-interface
 route tables keyed by destination address, port and VLAN id (0: untagged); output sockets are
-opened when a rule is installed, never per packet. Counters live in cells of the counter page the supervisor passed
-(`mcrelay.ipc.counter_page`), so the supervisor reads them even after a SIGKILL; they are also
-pushed to it once a second, for rates.
+opened when a rule is installed, never per packet. Counters live in cells of the counter page
+the supervisor passed (`mcrelay.ipc.counter_page`), so the supervisor reads them even after a
+SIGKILL; they are also pushed to it once a second, for rates.
 """
 
 from __future__ import annotations
