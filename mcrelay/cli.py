@@ -384,6 +384,12 @@ def add(
     input_source: Annotated[
         str | None, typer.Option(help="Relay only packets from this source address.")
     ] = None,
+    input_vlan: Annotated[
+        int | None,
+        typer.Option(
+            help="Relay only frames tagged with this VLAN id (1-4094) [default: untagged]."
+        ),
+    ] = None,
     rule_id: Annotated[
         str | None, typer.Option("--id", help="Rule id [default: hash of the input].")
     ] = None,
@@ -396,6 +402,7 @@ def add(
             group=input_group,
             port=input_port,
             source=input_source,
+            vlan=input_vlan,
             rule_id=rule_id,
             outputs=[rules_mod.parse_output(o) for o in output],
         )
@@ -427,7 +434,8 @@ def list_rules(socket: SocketOpt = DEFAULT_CONTROL_SOCKET, as_json: JsonOpt = Fa
         inp = r["input"]
         source = f" from {inp['source']}" if inp.get("source") else ""
         outs = ", ".join(f"{o['group']}:{o['port']}:{o['interface']}" for o in r["outputs"])
-        where = f"{inp['group']}:{inp['port']} on {inp['interface']}{source}"
+        vlan = f" vlan {inp['vlan']}" if inp.get("vlan") is not None else ""
+        where = f"{inp['group']}:{inp['port']} on {inp['interface']}{vlan}{source}"
         rows.append([r["id"], r["state"], where, outs])
     _table(["ID", "STATE", "INPUT", "OUTPUTS"], rows)
     for r in result:

@@ -6,6 +6,7 @@
     input-group = "239.1.1.1"
     input-port = 5000
     input-source = "10.0.0.5"      # optional: relay only this sender's packets
+    input-vlan = 100               # optional: frames tagged with this VLAN id; default untagged
     outputs = ["239.10.1.1:5000:eth1", "10.1.2.3:6000:eth2:32"]   # ADDR:PORT:IF[:TTL]
 
 Loading is all or nothing: the first problem is reported with its line, and nothing is applied.
@@ -21,7 +22,7 @@ from typing import Any
 
 from mcrelay import rules as rules_mod
 from mcrelay.errors import ConfigError, RuleError
-from mcrelay.rules import DEFAULT_TTL, Rule
+from mcrelay.rules import DEFAULT_TTL, MatchKey, Rule
 
 _RULE_KEYS = {
     "id",
@@ -29,6 +30,7 @@ _RULE_KEYS = {
     "input-group",
     "input-port",
     "input-source",
+    "input-vlan",
     "outputs",
 }
 _REQUIRED = ("input-interface", "input-group", "input-port", "outputs")
@@ -53,7 +55,7 @@ def parse(text: str, source: str = "<config>") -> tuple[Rule, ...]:
     lines = _header_lines(text)
     result: list[Rule] = []
     ids: set[str] = set()
-    inputs: dict[tuple[str, str, int, str | None], str] = {}
+    inputs: dict[MatchKey, str] = {}
     for index, entry in enumerate(entries):
         where = f"{source}: rule {index + 1}"
         if index < len(lines):
@@ -111,11 +113,15 @@ def _rule(entry: Any) -> Rule:
     port = entry["input-port"]
     if not isinstance(port, int) or isinstance(port, bool):
         raise RuleError("'input-port' must be an integer")
+    vlan = entry.get("input-vlan")
+    if vlan is not None and (not isinstance(vlan, int) or isinstance(vlan, bool)):
+        raise RuleError("'input-vlan' must be an integer")
     return rules_mod.make_rule(
         interface=entry["input-interface"],
         group=entry["input-group"],
         port=port,
         source=entry.get("input-source"),
+        vlan=vlan,
         rule_id=entry.get("id"),
         outputs=[rules_mod.parse_output(o) for o in outputs],
     )
@@ -134,6 +140,8 @@ def dump(rules: tuple[Rule, ...]) -> str:
         ]
         if rule.input.source is not None:
             lines.append(f"input-source = {_toml_str(rule.input.source)}")
+        if rule.input.vlan is not None:
+            lines.append(f"input-vlan = {rule.input.vlan}")
         outs = ", ".join(_toml_str(_output_text(o)) for o in rule.outputs)
         lines.append(f"outputs = [{outs}]")
         chunks.append("\n".join(lines) + "\n")

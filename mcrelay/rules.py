@@ -30,11 +30,17 @@ _IFNAME_RE = re.compile(r"[^\s/:\x00-\x1f\x7f]{1,15}")
 _LINK_LOCAL_PREFIX = 0xE00000  # 224.0.0.0/24, as the top 24 bits of an address
 
 
+#: interface, group, port, source, VLAN id: what two rules must not share.
+MatchKey = tuple[str, str, int, str | None, int | None]
+
+
 class RuleInput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     interface: str
     group: str
     port: int
     source: str | None = None
+    #: The 802.1Q VLAN id the frames carry; None: untagged frames only.
+    vlan: int | None = None
 
 
 class Output(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -54,15 +60,19 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     outputs: tuple[Output, ...]
 
     @property
-    def match_key(self) -> tuple[str, str, int, str | None]:
+    def match_key(self) -> MatchKey:
         """Two rules with the same key would compete for the same packets."""
         i = self.input
-        return (i.interface, i.group, i.port, i.source)
+        return (i.interface, i.group, i.port, i.source, i.vlan)
 
 
-def default_rule_id(interface: str, group: str, port: int, source: str | None = None) -> str:
+def default_rule_id(
+    interface: str, group: str, port: int, source: str | None = None, vlan: int | None = None
+) -> str:
     """Stable id, so re-adding the same input yields the same name on every host."""
     text = f"{interface}|{group}|{port}" + (f"|{source}" if source else "")
+    if vlan is not None:
+        text += f"|vlan={vlan}"
     return "r-" + hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -71,7 +81,7 @@ def _address(text: str, what: str) -> int:
     ipaddress, which matters for the 100,000 addresses of a large table)."""
     try:
         value = int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
-    except (OSError, TypeError):
+    except (OSError, TypeError, ValueError):  # ValueError: an embedded NUL
         raise RuleError(f"{what}: {text!r} is not an IPv4 address") from None
     if value in (0, 0xFFFFFFFF):
         raise RuleError(f"{what}: {text} cannot be relayed")
@@ -106,6 +116,10 @@ def validate(rule: Rule) -> Rule:
     _port(inp.port, "input")
     if inp.source is not None and _address(inp.source, "input source") >> 28 == 0xE:
         raise RuleError(f"input source: {inp.source} is a multicast address")
+    if inp.vlan is not None and (
+        isinstance(inp.vlan, bool) or not isinstance(inp.vlan, int) or not 1 <= inp.vlan <= 4094
+    ):
+        raise RuleError(f"input vlan: {inp.vlan!r} is outside 1-4094")
     if not rule.outputs:
         raise RuleError("a rule needs at least one output")
     if len(rule.outputs) > MAX_OUTPUTS:
@@ -147,12 +161,15 @@ def make_rule(
     port: int,
     outputs: Iterable[Output],
     source: str | None = None,
+    vlan: int | None = None,
     rule_id: str | None = None,
 ) -> Rule:
     """Build and validate a rule from user-facing fields."""
+    if rule_id is None:
+        rule_id = default_rule_id(interface, group, port, source, vlan)
     rule = Rule(
-        id=rule_id if rule_id is not None else default_rule_id(interface, group, port, source),
-        input=RuleInput(interface=interface, group=group, port=port, source=source),
+        id=rule_id,
+        input=RuleInput(interface=interface, group=group, port=port, source=source, vlan=vlan),
         outputs=tuple(outputs),
     )
     return validate(rule)
@@ -161,7 +178,33 @@ def make_rule(
 _digest_encoder = msgspec.msgpack.Encoder()
 
 
+class _UntaggedInput(msgspec.Struct, frozen=True):
+    """A rule input without a VLAN as it was encoded before inputs could name one."""
+
+    interface: str
+    group: str
+    port: int
+    source: str | None
+
+
+class _UntaggedRule(msgspec.Struct, frozen=True):
+    id: str
+    input: _UntaggedInput
+    outputs: tuple[Output, ...]
+
+
+def _digested(rule: Rule) -> Rule | _UntaggedRule:
+    """What the digest covers: a rule without a VLAN encodes without the field, so its digest
+    is the one it had before inputs could name a VLAN."""
+    i = rule.input
+    if i.vlan is not None:
+        return rule
+    return _UntaggedRule(
+        rule.id, _UntaggedInput(i.interface, i.group, i.port, i.source), rule.outputs
+    )
+
+
 def digest(rules: Iterable[Rule]) -> str:
     """Digest of a whole rule set, outputs included; equal sets give equal digests anywhere."""
-    ordered = sorted(rules, key=lambda r: r.id)
+    ordered = [_digested(r) for r in sorted(rules, key=lambda r: r.id)]
     return hashlib.sha256(_digest_encoder.encode(ordered)).hexdigest()[:16]

@@ -4,8 +4,10 @@ An AF_PACKET socket bound to ETH_P_ALL sees every frame on its interface, includ
 traffic and the relay's own output. The filter lets through what userspace must see: frames for
 a configured (group, port), plus the frames to configured groups that userspace has to count as
 drops (fragments, other protocols, truncated headers), plus whatever the filter cannot judge
-(inline VLAN tags, frames too short to read). Userspace still matches every frame exactly, so a
-filter that lets through too much costs CPU, never correctness.
+(inline VLAN tags, frames too short to read). It keeps out every frame with more than one VLAN
+tag, and tagged frames of VLANs no rule names, so no stacked-tag flood reaches userspace.
+Userspace still matches every frame exactly, so a filter that lets through too much costs CPU,
+never correctness.
 
 Programs expect SOCK_RAW offsets (the Ethernet header at 0). Attach the filter before binding the
 socket to a protocol (or before PACKET_RX_RING, which purges the queue), or frames queued in
@@ -36,6 +38,9 @@ BPF_TAX, BPF_TXA = 0x00, 0x80
 BPF_MAXINSNS = 4096
 SKF_AD_OFF = -0x1000
 SKF_AD_PKTTYPE = 4
+SKF_AD_VLAN_TAG = 44  # the TCI of the outer tag the kernel moved out of the frame
+SKF_AD_VLAN_TAG_PRESENT = 48  # linux/filter.h: offsets are multiples of 4
+VLAN_VID_MASK = 0x0FFF
 PACKET_OUTGOING = 4
 SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
 
@@ -258,7 +263,53 @@ def _maybe_tail(asm: _Asm, maybe: str, accept: str, drop: str) -> None:
     asm.ret(DROP)
 
 
-def _program(table: dict[int, frozenset[int]], mode: str, leaf: int) -> list[Instruction]:
+def _vlan_check(asm: _Asm, vlans: list[int], accept: str, drop: str) -> None:
+    """3. Keep out every frame with more than one VLAN tag, and tagged frames of VLANs no rule
+    names; VLAN id 0 (priority tag only) counts as untagged.
+
+    The kernel moves a received frame's outer 802.1Q/802.1ad tag into metadata before packet
+    sockets see it (skb_vlan_untag), so that tag is read with ancillary loads and the frame
+    bytes start again with an ethertype, which must not be a second tag. A tag still inline
+    (one the kernel did not move) must not be followed by another, and goes to userspace,
+    which parses it. Falls through for frames whose ethertype at 12 the rest of the program
+    judges.
+    """
+    untagged, inline, done = asm.label(), asm.label(), asm.label()
+    asm.op(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_VLAN_TAG_PRESENT)
+    asm.jump(BPF_JEQ, 0, untagged, None)
+    asm.op(BPF_LD | BPF_H | BPF_ABS, 12)  # the ethertype after the moved tag
+    asm.jump(BPF_JEQ, 0x8100, drop, None)
+    asm.jump(BPF_JEQ, 0x88A8, drop, None)
+    asm.op(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_VLAN_TAG)
+    asm.op(BPF_ALU | BPF_AND | BPF_K, VLAN_VID_MASK)
+    if vlans:
+        asm.jump(BPF_JEQ, 0, done, None)
+        _member(asm, vlans, LEAF, done, drop)
+    else:
+        asm.jump(BPF_JEQ, 0, done, drop)
+    asm.place(untagged)
+    asm.op(BPF_LD | BPF_H | BPF_ABS, 12)
+    asm.jump(BPF_JEQ, 0x8100, inline, None)
+    asm.jump(BPF_JEQ, 0x88A8, inline, done)
+    asm.place(inline)
+    asm.op(BPF_LD | BPF_W | BPF_LEN)
+    asm.jump(BPF_JGE, 18, None, accept)  # too short for its tag: userspace counts it
+    asm.op(BPF_LD | BPF_H | BPF_ABS, 16)
+    asm.jump(BPF_JEQ, 0x8100, drop, None)
+    asm.jump(BPF_JEQ, 0x88A8, drop, None)
+    asm.op(BPF_LD | BPF_H | BPF_ABS, 14)
+    asm.op(BPF_ALU | BPF_AND | BPF_K, VLAN_VID_MASK)
+    if vlans:
+        asm.jump(BPF_JEQ, 0, accept, None)
+        _member(asm, vlans, LEAF, accept, drop)
+    else:
+        asm.jump(BPF_JEQ, 0, accept, drop)
+    asm.place(done)
+
+
+def _program(
+    table: dict[int, frozenset[int]], vlans: list[int], mode: str, leaf: int
+) -> list[Instruction]:
     asm = _Asm()
     accept, drop = asm.label(), asm.label()
     # 1. never see our own output
@@ -267,11 +318,10 @@ def _program(table: dict[int, frozenset[int]], mode: str, leaf: int) -> list[Ins
     # 2. too short for Ethernet: userspace counts it
     asm.op(BPF_LD | BPF_W | BPF_LEN)
     asm.jump(BPF_JGE, 14, None, accept)
-    # 3. inline VLAN tags: userspace parses them
-    asm.op(BPF_LD | BPF_H | BPF_ABS, 12)
-    asm.jump(BPF_JEQ, 0x8100, accept, None)
-    asm.jump(BPF_JEQ, 0x88A8, accept, None)
+    # 3. VLAN tags: at most one, of a VLAN some rule names (`_vlan_check`)
+    _vlan_check(asm, vlans, accept, drop)
     # 4. other protocols are none of our business
+    asm.op(BPF_LD | BPF_H | BPF_ABS, 12)
     if mode == "ipv4":
         asm.jump(BPF_JEQ, 0x0800, accept, drop)
     else:
@@ -392,12 +442,17 @@ def drop_all() -> list[Instruction]:
 
 
 def compile_filter(
-    pairs: Iterable[tuple[str, int]], *, max_insns: int = BPF_MAXINSNS
+    pairs: Iterable[tuple[str, int]],
+    *,
+    vlans: Iterable[int] = (),
+    max_insns: int = BPF_MAXINSNS,
 ) -> list[Instruction]:
     """A filter for (destination address, destination port) pairs, in at most `max_insns`.
 
-    In order: the host's own output → drop; shorter than Ethernet → accept; inline VLAN tag →
-    accept; not IPv4 → drop; shorter than an IPv4 header → accept; destination not configured →
+    `vlans` are the VLAN ids (1-4094) rules on this interface name. In order: the host's own
+    output → drop; shorter than Ethernet → accept; more than one VLAN tag → drop; a tag of a
+    VLAN not in `vlans` → drop; an inline tag (one the kernel left in the frame) → accept;
+    not IPv4 → drop; shorter than an IPv4 header → accept; destination not configured →
     drop; fragment, not UDP, bad version/IHL or no room for the UDP header → accept; port
     configured for that destination → accept, else drop. No pairs → drop everything.
 
@@ -406,8 +461,11 @@ def compile_filter(
     configured port on any configured destination, then any configured destination, then any
     IPv4 frame. Looser is still correct because userspace matches every frame exactly; it only
     costs CPU. Lower `max_insns` if attaching fails with ENOMEM (net.core.optmem_max); the last
-    resort (10 instructions) is returned whatever `max_insns` says.
+    resort (about 30 instructions) is returned whatever `max_insns` says.
     """
+    vlan_ids = sorted(set(vlans))
+    if any(not 1 <= v <= 4094 for v in vlan_ids):
+        raise ValueError(f"VLAN id out of range: {vlan_ids}")
     table_sets: dict[int, set[int]] = {}
     for addr, port in pairs:
         if not 0 <= port <= 0xFFFF:
@@ -423,10 +481,10 @@ def compile_filter(
     for mode, leaf, floor in attempts:
         if len(table) + floor > max_insns:  # cannot fit: don't bother generating
             continue
-        program = _program(table, mode, leaf)
+        program = _program(table, vlan_ids, mode, leaf)
         if len(program) <= max_insns:
             return program
-    return _program(table, "ipv4", LEAF)
+    return _program(table, vlan_ids, "ipv4", LEAF)
 
 
 _SOCK_FILTER = struct.Struct("=HBBI")  # struct sock_filter

@@ -22,6 +22,7 @@ class Drop(enum.IntEnum):
     FRAGMENT = 4  # MF set or fragment offset != 0: the relay forwards whole datagrams only
     NOT_UDP = 5
     OUTGOING = 6  # sent by this host; set by the caller from sockaddr_ll pkttype, never here
+    VLAN = 7  # more than one VLAN tag: never relayed
 
     @property
     def label(self) -> str:
@@ -35,6 +36,7 @@ _LABELS = {
     Drop.FRAGMENT: "fragment",
     Drop.NOT_UDP: "not_udp",
     Drop.OUTGOING: "outgoing",
+    Drop.VLAN: "vlan",
 }
 #: Drops the relay counts after parsing: no rule for the destination, no rule for the sender.
 NO_RULE = "no_rule"
@@ -55,9 +57,21 @@ _MALFORMED = Drop.MALFORMED
 _NOT_IPV4 = Drop.NOT_IPV4
 _FRAGMENT = Drop.FRAGMENT
 _NOT_UDP = Drop.NOT_UDP
+_VLAN = Drop.VLAN
+VID_MASK = 0x0FFF
+_TPIDS = (0x8100, 0x88A8)
 
 
-def parse_udp(frame: bytes | memoryview) -> tuple[bytes, bytes, int, int] | Drop:
+def inline_vlan(frame: bytes | memoryview) -> int:
+    """The VLAN id of the frame's inline tag, 0 without one (or with a priority-only tag)."""
+    if len(frame) >= ETH_HLEN + 4 and _ethertype(frame, 12)[0] in _TPIDS:
+        return int(_ethertype(frame, 14)[0]) & VID_MASK
+    return 0
+
+
+def parse_udp(
+    frame: bytes | memoryview, *, tagged: bool = False
+) -> tuple[bytes, bytes, int, int] | Drop:
     """Return `(key, src, start, end)` for a UDP-in-IPv4 frame, else the reason to drop it.
 
     `key` is destination address + destination port (6 bytes, network order), the rule lookup
@@ -71,11 +85,15 @@ def parse_udp(frame: bytes | memoryview) -> tuple[bytes, bytes, int, int] | Drop
         return _TRUNCATED
     (ethertype,) = _ethertype(frame, 12)
     ip = ETH_HLEN
-    while ethertype == 0x8100 or ethertype == 0x88A8:
+    if ethertype == 0x8100 or ethertype == 0x88A8:
+        if tagged:
+            return _VLAN
         ip += 4
         if n < ip:
             return _TRUNCATED
         (ethertype,) = _ethertype(frame, ip - 2)
+        if ethertype == 0x8100 or ethertype == 0x88A8:
+            return _VLAN
     if ethertype != 0x0800:
         return _NOT_IPV4
     if n < ip + 20:

@@ -45,6 +45,13 @@ def filter_pairs(rules: tuple[Rule, ...], interface: str) -> list[tuple[str, int
     return [(r.input.group, r.input.port) for r in rules if r.input.interface == interface]
 
 
+def filter_vlans(rules: tuple[Rule, ...], interface: str) -> set[int]:
+    """VLAN ids whose tagged frames a capture socket on ``interface`` must let through."""
+    return {
+        r.input.vlan for r in rules if r.input.interface == interface and r.input.vlan is not None
+    }
+
+
 def wanted_memberships(rules: tuple[Rule, ...]) -> set[tuple[str, str]]:
     return {
         (r.input.interface, r.input.group)
@@ -205,7 +212,9 @@ class KernelDataPlane:
     def _program(self, interface: str, rules: tuple[Rule, ...]) -> list[bpf.Instruction]:
         program = self._programs.get(interface)
         if program is None:
-            program = self._programs[interface] = bpf.compile_filter(filter_pairs(rules, interface))
+            program = self._programs[interface] = bpf.compile_filter(
+                filter_pairs(rules, interface), vlans=filter_vlans(rules, interface)
+            )
         return program
 
     def _refresh_filters(self, rules: tuple[Rule, ...]) -> None:

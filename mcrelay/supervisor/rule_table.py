@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from mcrelay import rules as rules_mod
 from mcrelay.errors import RuleError
 from mcrelay.ipc.messages import RuleUpdate
-from mcrelay.rules import Rule
+from mcrelay.rules import MatchKey, Rule
 
 _DIGEST_HISTORY = 256
 
@@ -52,9 +52,7 @@ class RuleTable:
             self._digests.popitem(last=False)
 
     @staticmethod
-    def _check_new(
-        rule: Rule, existing: dict[str, Rule], inputs: dict[tuple[str, str, int, str | None], str]
-    ) -> None:
+    def _check_new(rule: Rule, existing: dict[str, Rule], inputs: dict[MatchKey, str]) -> None:
         rules_mod.validate(rule)
         if rule.id in existing:
             raise RuleError(f"a rule with id {rule.id!r} already exists")
@@ -80,7 +78,7 @@ class RuleTable:
     def replace(self, new_rules: Iterable[Rule]) -> RuleUpdate:
         """Make the table equal to ``new_rules``; a bad set is refused whole and changes nothing."""
         staged: dict[str, Rule] = {}
-        inputs: dict[tuple[str, str, int, str | None], str] = {}
+        inputs: dict[MatchKey, str] = {}
         for rule in new_rules:
             self._check_new(rule, staged, inputs)
             staged[rule.id] = rule

@@ -42,6 +42,7 @@ DROP_REASONS = (
     "not_udp",
     "no_rule",
     "source_filtered",
+    "vlan",
 )
 
 

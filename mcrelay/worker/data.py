@@ -5,10 +5,10 @@ and relays each retired block in one pass (``relay_loop``). The socket's kernel 
 are the supervisor's: the worker never sets an option on a capture socket (it only maps the ring
 and reads its statistics), and its process forbids itself to at start (`mcrelay.system.seccomp`),
 so code that takes the worker over cannot detach the filter either. Rules become per-interface
-route tables keyed by destination address and port; output sockets are opened when a rule is
-installed, never per packet. Counters live in cells of the counter page the supervisor passed
-(`mcrelay.ipc.counter_page`), so the supervisor reads them even after a SIGKILL; they are also
-pushed to it once a second, for rates.
+route tables keyed by destination address, port and VLAN id (0: untagged); output sockets are
+opened when a rule is installed, never per packet. Counters live in cells of the counter page
+the supervisor passed (`mcrelay.ipc.counter_page`), so the supervisor reads them even after a
+SIGKILL; they are also pushed to it once a second, for rates.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import trio
 
 from mcrelay import rules as rules_mod
 from mcrelay.dataplane.egress import Destination, SendBatch, open_output_socket, udp_gso_max
-from mcrelay.dataplane.parse import NO_RULE, SOURCE_FILTERED, Drop, parse_udp
+from mcrelay.dataplane.parse import NO_RULE, SOURCE_FILTERED, VID_MASK, Drop, inline_vlan, parse_udp
 from mcrelay.dataplane.relay_loop import (
     BlockCounts,
     Output,
@@ -126,6 +126,12 @@ class _OutputSockets:
 
 def _output_key(out: rules_mod.Output) -> tuple[str, int, bool]:
     return (out.interface, out.ttl, _address(out.group) >> 28 == 0xE)
+
+
+def _rule_key(rule: Rule) -> int:
+    """The route table key of a rule's input: `route_key`, with the VLAN id (0: untagged)
+    above the 48 bits of address and port, so untagged frames keep the fast path's key."""
+    return route_key(rule.input.group, rule.input.port) | (rule.input.vlan or 0) << 48
 
 
 def _address(text: str) -> int:
@@ -236,7 +242,7 @@ class DataWorker:
         try:
             if "install-fail" in self._faults and rule.id.startswith("fail"):
                 raise RuntimeError("injected installation failure")
-            route_key(rule.input.group, rule.input.port)  # what _install will need
+            _rule_key(rule)  # what _install will need
             return self._make_route(rule)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"[: m.MAX_REASON_LENGTH]
@@ -300,7 +306,7 @@ class DataWorker:
         for rule, route in self._routes.values():
             if rule.input.interface != capture.interface:
                 continue
-            key = route_key(rule.input.group, rule.input.port)
+            key = _rule_key(rule)
             by_key.setdefault(key, []).append(route)
         capture.table = {key: Route.switch(routes) for key, routes in by_key.items()}
 
@@ -347,13 +353,17 @@ class DataWorker:
                 del self._captures[capture.interface]
 
     def _slow(self, frame: bytes, vlan: int | None) -> tuple[int, int, int, int] | None:
-        """Frames the fast path declines: parse fully, count what cannot be relayed."""
-        parsed = parse_udp(frame)
+        """Frames the fast path declines: parse fully, count what cannot be relayed.
+
+        A tagged frame's key carries its VLAN id (`_rule_key`), so it matches only rules that
+        name that VLAN; a second tag is refused by the parser at once."""
+        parsed = parse_udp(frame, tagged=vlan is not None)
         if isinstance(parsed, Drop):
             self._count_drop(parsed.label, 1)
             return None
         key, src, start, end = parsed
-        return key_from_bytes(key), start, end - start, int.from_bytes(src, "big")
+        vid = vlan & VID_MASK if vlan is not None else inline_vlan(frame)
+        return key_from_bytes(key) | vid << 48, start, end - start, int.from_bytes(src, "big")
 
     # --- statistics -----------------------------------------------------------------------
 

@@ -239,6 +239,7 @@ VALID = {
     "source": st.none() | st.ip_addresses(v=4, network="10.0.0.0/8").map(str),
     "port": st.integers(1, 65535),
     "ttl": st.integers(1, 255),
+    "vlan": st.none() | st.integers(1, 4094),
 }
 _odd_names = st.sampled_from(
     ["", "a\x00b", "eth0\n", "é" * 8, "x" * 15, "x" * 16, "a/b", "a:b", "a b"]
@@ -262,6 +263,7 @@ ODD = {
     "source": _odd_addresses,
     "port": _odd_ints,
     "ttl": _odd_ints,
+    "vlan": _odd_ints | st.sampled_from([4095, 0]),
 }
 #: Where a rule's odd value may go: (path, kind of value).
 ODD_PLACES = [
@@ -270,6 +272,7 @@ ODD_PLACES = [
     (("input", "group"), "group"),
     (("input", "source"), "source"),
     (("input", "port"), "port"),
+    (("input", "vlan"), "vlan"),
     *(
         (("outputs", i, key), kind)
         for i in range(2)
@@ -306,6 +309,7 @@ def well_typed_rules(draw: st.DrawFn) -> dict[str, Any]:
             "group": draw(VALID["group"]),
             "port": draw(VALID["port"]),
             "source": draw(VALID["source"]),
+            "vlan": draw(VALID["vlan"]),
         },
         "outputs": outputs[: draw(st.integers(1, 2))],
     }

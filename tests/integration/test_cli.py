@@ -60,6 +60,7 @@ def test_add_rules_remove(relay: Daemon) -> None:
         "group": "239.1.1.2",
         "port": 5000,
         "source": "10.0.0.5",
+        "vlan": None,
     }
     assert cam["outputs"][0] == {"group": "239.2.2.2", "port": 5001, "interface": "out0", "ttl": 4}
     table = relay.ok("rules")

@@ -33,7 +33,7 @@ import json, socket, sys
 from mcrelay.dataplane import bpf
 
 ifname, pairs, outgoing = sys.argv[1], json.loads(sys.argv[2]), bytes.fromhex(sys.argv[3])
-program = bpf.compile_filter([(addr, port) for addr, port in pairs])
+program = bpf.compile_filter([(addr, port) for addr, port in pairs], vlans=json.loads(sys.argv[4]))
 rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: receives nothing yet
 bpf.attach(rx, bpf.drop_all())
 bpf.attach(rx, program)  # replaces the first one
@@ -73,8 +73,12 @@ def udp(dst: str, dport: int, name: str, **kw: Any) -> bytes:
     )
 
 
-def frame_set(group: str, port: int, other_port: int, other_group: str) -> dict[str, bytes]:
-    """name → frame; names starting with '+' must reach the receiver."""
+def frame_set(
+    group: str, port: int, other_port: int, other_group: str, vlan100: bool = False
+) -> dict[str, bytes]:
+    """name → frame; names starting with '+' must reach the receiver. `vlan100`: a rule names
+    VLAN 100."""
+    vlan = "+vlan" if vlan100 else "-vlan"
     eth = bytes.fromhex("01005e010203") + bytes.fromhex("020000000001") + b"\x08\x00"
     return {
         "+match": udp(group, port, "+match"),
@@ -83,10 +87,16 @@ def frame_set(group: str, port: int, other_port: int, other_group: str) -> dict[
         "+fragment": udp(group, other_port, "+fragment", flags_frag=0x2000),
         "+tcp": udp(group, other_port, "+tcp", proto=6),
         "+short": eth + b"#+short#",  # no room for an IPv4 header
-        "+qinq": udp(other_group, port, "+qinq", vlan_tags=[0x88A80064, 200]),
-        # the kernel strips the outer tag before packet sockets see the frame: filtered as IPv4
-        "+vlan": udp(group, port, "+vlan", vlan_tags=[100]),
-        "-vlan": udp(other_group, port, "-vlan", vlan_tags=[100]),
+        # The kernel moves the outer tag into metadata before packet sockets see the frame:
+        # the filter reads it with ancillary loads and filters the rest as IPv4.
+        "+prio": udp(group, port, "+prio", vlan_tags=[0xA000]),  # priority only: untagged
+        vlan: udp(group, port, vlan, vlan_tags=[0xE064]),  # VLAN 100, priority 7
+        "-vlan200": udp(group, port, "-vlan200", vlan_tags=[200]),
+        "-vlan-other-group": udp(other_group, port, "-vlan-other-group", vlan_tags=[100]),
+        # more than one tag never passes, whatever the VLANs
+        "-qinq": udp(group, port, "-qinq", vlan_tags=[0x88A80064, 100]),
+        "-qq": udp(group, port, "-qq", vlan_tags=[100, 100]),
+        "-stack8": udp(group, port, "-stack8", vlan_tags=[0x88A80064] + [100] * 7),
         "-other-port": udp(group, other_port, "-other-port"),
         "-other-group": udp(other_group, port, "-other-group"),
         "-unicast": udp("10.200.1.2", port, "-unicast"),
@@ -96,11 +106,22 @@ def frame_set(group: str, port: int, other_port: int, other_group: str) -> dict[
 
 
 def received_names(
-    pairs: list[tuple[str, int]], frames: dict[str, bytes], outgoing: bytes
+    pairs: list[tuple[str, int]],
+    frames: dict[str, bytes],
+    outgoing: bytes,
+    vlans: tuple[int, ...] = (),
 ) -> set[str]:
     with topology.namespaces("tx", "rx") as ns:
         topology.veth(ns["tx"], "s0", None, ns["rx"], "r0", None)
-        argv = ns["rx"].cmd(sys.executable, "-c", RECEIVER, "r0", json.dumps(pairs), outgoing.hex())
+        argv = ns["rx"].cmd(
+            sys.executable,
+            "-c",
+            RECEIVER,
+            "r0",
+            json.dumps(pairs),
+            outgoing.hex(),
+            json.dumps(vlans),
+        )
         receiver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert receiver.stdout is not None
@@ -144,15 +165,18 @@ def fifty_by_twenty() -> list[tuple[str, int]]:
     return [(g, rng.randrange(1, 0x10000)) for g in random_groups(50, seed=2) for _ in range(20)]
 
 
+@pytest.mark.parametrize("vlans", [(), (100,), tuple(range(50, 150))])
 @pytest.mark.parametrize("make", [one_pair, thousand_groups, fifty_by_twenty])
-def test_kernel_runs_the_filter(make: Callable[[], list[tuple[str, int]]]) -> None:
+def test_kernel_runs_the_filter(
+    make: Callable[[], list[tuple[str, int]]], vlans: tuple[int, ...]
+) -> None:
     pairs = make()
     group, port = pairs[0]
     ports = {p for g, p in pairs if g == group}
     other_port = next(p for p in range(5001, 0x10000) if p not in ports)
     configured = {g for g, _ in pairs}
     other_group = next(g for g in random_groups(2000, seed=7) if g not in configured)
-    frames = frame_set(group, port, other_port, other_group)
+    frames = frame_set(group, port, other_port, other_group, vlan100=100 in vlans)
     outgoing = udp(group, port, "outgoing")
-    names = received_names(pairs, frames, outgoing)
+    names = received_names(pairs, frames, outgoing, vlans)
     assert names == {name for name in frames if name.startswith("+")} | {"end"}

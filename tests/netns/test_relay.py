@@ -154,8 +154,9 @@ for seq in range(count):
 
 
 def test_vlan_tagged_input(chain: topology.Chain, relay: Daemon) -> None:
-    """802.1Q frames on the input (the kernel moves the tag to metadata; the ring flags it)."""
-    add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}")
+    """802.1Q frames on the input (the kernel moves the tag to metadata; the ring flags it)
+    for a rule that names their VLAN."""
+    add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}", extra=("--input-vlan", "100"))
     with sink(chain.sink, OUT_GROUP, OUT_PORT, chain.sink_if, "--count", "2000",
               "--idle-timeout", "2", "--expect-size", "512") as s:  # fmt: skip
         sent = subprocess.run(

@@ -43,7 +43,7 @@ from mcrelay.dataplane.bpf import (
     drop_all,
 )
 from mcrelay.dataplane.frames import build_udp_frame
-from mcrelay.dataplane.parse import Drop, parse_udp
+from mcrelay.dataplane.parse import Drop, inline_vlan, parse_udp
 
 PACKET_HOST, PACKET_MULTICAST, PACKET_OUTGOING = 0, 2, 4
 U32 = 0xFFFFFFFF
@@ -62,8 +62,17 @@ _ALU = {
 }
 
 
-def run(program: list[Instruction], frame: bytes, pkttype: int = PACKET_MULTICAST) -> int:
-    """Classic BPF as the kernel runs it on a SOCK_RAW packet socket."""
+_TAGS = (b"\x81\x00", b"\x88\xa8")
+
+
+def run(
+    program: list[Instruction],
+    frame: bytes,
+    pkttype: int = PACKET_MULTICAST,
+    tci: int | None = None,
+) -> int:
+    """Classic BPF as the kernel runs it on a SOCK_RAW packet socket; `tci` is the outer tag
+    the kernel moved out of the frame (skb_vlan_untag), None for a frame without one."""
     a = x = 0
     mem = [0] * 16
     pc = 0
@@ -76,8 +85,11 @@ def run(program: list[Instruction], frame: bytes, pkttype: int = PACKET_MULTICAS
             mode = code & 0xE0
             if mode in (BPF_ABS, BPF_IND):
                 if mode == BPF_ABS and k >= (bpf.SKF_AD_OFF & U32):
-                    assert k - (bpf.SKF_AD_OFF & U32) == bpf.SKF_AD_PKTTYPE, hex(k)
-                    a = pkttype
+                    a = {
+                        bpf.SKF_AD_PKTTYPE: pkttype,
+                        bpf.SKF_AD_VLAN_TAG: tci or 0,
+                        bpf.SKF_AD_VLAN_TAG_PRESENT: int(tci is not None),
+                    }[k - (bpf.SKF_AD_OFF & U32)]
                     continue
                 offset = k if mode == BPF_ABS else (x + k) & U32
                 size = _SIZES[code & 0x18]
@@ -155,15 +167,28 @@ def check_program(program: list[Instruction]) -> None:
     assert program[-1][0] & 0x07 == BPF_RET
 
 
-def spec_accepts(frame: bytes, pkttype: int, table: dict[bytes, set[int]]) -> bool:
+def spec_accepts(
+    frame: bytes,
+    pkttype: int,
+    table: dict[bytes, set[int]],
+    vlans: frozenset[int] = frozenset(),
+    tci: int | None = None,
+) -> bool:
     """compile_filter's rules, written down plainly."""
     if pkttype == PACKET_OUTGOING:
         return False
     if len(frame) < 14:
         return True
     ethertype = frame[12:14]
-    if ethertype in (b"\x81\x00", b"\x88\xa8"):
-        return True
+    if tci is not None:
+        if ethertype in _TAGS or tci & 0xFFF not in vlans | {0}:
+            return False  # a second tag, or another VLAN
+    elif ethertype in _TAGS:
+        if len(frame) < 18:
+            return True
+        if frame[16:18] in _TAGS:
+            return False
+        return inline_vlan(frame) in vlans | {0}
     if ethertype != b"\x08\x00":
         return False
     if len(frame) < 34:
@@ -222,10 +247,12 @@ ONE = compile_filter([(G, P)])
         pytest.param(udp(G, P + 1, version=6), PACKET_MULTICAST, True, id="bad-version"),
         pytest.param(udp(G, P, ethertype=0x0806), PACKET_MULTICAST, False, id="arp"),
         pytest.param(udp(G, P, ethertype=0x86DD), PACKET_MULTICAST, False, id="ipv6"),
-        pytest.param(udp("239.9.9.9", 1, vlan_tags=[7]), PACKET_MULTICAST, True, id="8021q"),
+        pytest.param(udp("239.9.9.9", 1, vlan_tags=[7]), PACKET_MULTICAST, False, id="8021q"),
+        pytest.param(udp("239.9.9.9", 1, vlan_tags=[0]), PACKET_MULTICAST, True, id="prio-tag"),
         pytest.param(
-            udp("239.9.9.9", 1, vlan_tags=[0x88A80007]), PACKET_MULTICAST, True, id="qinq"
+            udp("239.9.9.9", 1, vlan_tags=[0x88A80007]), PACKET_MULTICAST, False, id="8021ad"
         ),
+        pytest.param(udp(G, P, vlan_tags=[0, 0]), PACKET_MULTICAST, False, id="two-inline"),
         pytest.param(udp(G, P)[:13], PACKET_MULTICAST, True, id="shorter-than-ethernet"),
         pytest.param(udp(G, P)[:33], PACKET_MULTICAST, True, id="shorter-than-ipv4"),
         pytest.param(udp(G, P)[:41], PACKET_MULTICAST, True, id="shorter-than-udp"),
@@ -329,6 +356,11 @@ POOL_GROUPS = ["239.0.0.1", "239.0.0.2", "239.0.1.1", "224.0.0.251", "10.200.1.2
                "255.255.255.255", "239.255.255.255"]  # fmt: skip
 POOL_PORTS = [0, 1, 53, 5000, 5001, 0xFFFF]
 
+POOL_VLANS = [1, 7, 200, 4094]
+POOL_TAGS = [0, 7, 0xE007, 200, 300, 0x88A80000 | 200, 0x88A80000 | 300]
+vlan_sets = st.frozensets(st.sampled_from(POOL_VLANS), max_size=3)
+tcis = st.one_of(st.none(), st.sampled_from([0, 7, 0x2007, 200, 300, 4094]))
+
 configs = st.lists(
     st.tuples(st.sampled_from(POOL_GROUPS), st.sampled_from(POOL_PORTS)), min_size=1, max_size=12
 )
@@ -343,7 +375,7 @@ def frames(draw: st.DrawFn) -> bytes:
         sport=draw(st.sampled_from(POOL_PORTS)),
         dport=draw(st.sampled_from(POOL_PORTS)),
         payload=(payload := draw(st.binary(max_size=12))),
-        vlan_tags=draw(st.lists(st.integers(0, 0xFFFF), max_size=1)),
+        vlan_tags=draw(st.lists(st.sampled_from(POOL_TAGS), max_size=3)),
         ip_options=draw(st.sampled_from([b"", b"\1" * 4, b"\1" * 40])),
         flags_frag=draw(st.sampled_from([0, 0x4000, 0x2000, 0x0001, 0x8000])),
         proto=draw(st.sampled_from([17, 17, 17, 6, 1])),
@@ -366,14 +398,19 @@ pkttypes = st.sampled_from([PACKET_HOST, PACKET_MULTICAST, 3, PACKET_OUTGOING])
 
 
 @settings(max_examples=400, deadline=None)
-@given(configs, frames(), pkttypes)
+@given(configs, frames(), pkttypes, vlan_sets, tcis)
 def test_exact_program_matches_spec(
-    pairs: list[tuple[str, int]], frame: bytes, pkttype: int
+    pairs: list[tuple[str, int]],
+    frame: bytes,
+    pkttype: int,
+    vlans: frozenset[int],
+    tci: int | None,
 ) -> None:
-    program = compile_filter(pairs)
+    program = compile_filter(pairs, vlans=vlans)
     check_program(program)
     table = table_of(pairs)
-    assert run(program, frame, pkttype) == (ACCEPT if spec_accepts(frame, pkttype, table) else 0)
+    expected = spec_accepts(frame, pkttype, table, vlans, tci)
+    assert run(program, frame, pkttype, tci) == (ACCEPT if expected else 0)
 
 
 @settings(max_examples=200, deadline=None)
@@ -387,33 +424,102 @@ def test_arbitrary_bytes_match_spec(
 
 
 @settings(max_examples=300, deadline=None)
-@given(configs, frames(), pkttypes, st.integers(1, 60))
+@given(configs, frames(), pkttypes, st.integers(1, 60), vlan_sets, tcis)
 def test_squeezed_programs_accept_a_superset(
-    pairs: list[tuple[str, int]], frame: bytes, pkttype: int, max_insns: int
+    pairs: list[tuple[str, int]],
+    frame: bytes,
+    pkttype: int,
+    max_insns: int,
+    vlans: frozenset[int],
+    tci: int | None,
 ) -> None:
-    program = compile_filter(pairs, max_insns=max_insns)
+    program = compile_filter(pairs, vlans=vlans, max_insns=max_insns)
     check_program(program)
-    got = run(program, frame, pkttype)
+    got = run(program, frame, pkttype, tci)
     assert got in (0, ACCEPT)
-    if spec_accepts(frame, pkttype, table_of(pairs)):
+    if spec_accepts(frame, pkttype, table_of(pairs), vlans, tci):
         assert got == ACCEPT
     if pkttype == PACKET_OUTGOING or (len(frame) >= 14 and frame[12:14] == b"\x86\xdd"):
         assert got == 0
+    if stacked(frame, tci):
+        assert got == 0
+
+
+def stacked(frame: bytes, tci: int | None) -> bool:
+    """More than one VLAN tag, counting the one the kernel moved out of the frame."""
+    if len(frame) < 14 or frame[12:14] not in _TAGS:
+        return False
+    return tci is not None or (len(frame) >= 18 and frame[16:18] in _TAGS)
 
 
 @settings(max_examples=300, deadline=None)
-@given(configs, frames(), pkttypes)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(POOL_GROUPS),
+            st.sampled_from(POOL_PORTS),
+            st.one_of(st.none(), st.sampled_from(POOL_VLANS)),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    frames(),
+    pkttypes,
+    tcis,
+)
 def test_filter_never_hides_a_frame_userspace_would_relay(
-    pairs: list[tuple[str, int]], frame: bytes, pkttype: int
+    inputs: list[tuple[str, int, int | None]], frame: bytes, pkttype: int, tci: int | None
 ) -> None:
-    result = parse_udp(frame)
+    """As the data worker matches: the frame's VLAN id (0: untagged) is part of the input."""
+    result = parse_udp(frame, tagged=tci is not None)
     if pkttype == PACKET_OUTGOING or isinstance(result, Drop):
         return
     key = result[0]
-    if (key[:4], int.from_bytes(key[4:], "big")) in {
-        (ipaddress.IPv4Address(a).packed, p) for a, p in pairs
-    }:
-        assert run(compile_filter(pairs), frame, pkttype) == ACCEPT
+    vid = tci & 0xFFF if tci is not None else inline_vlan(frame)
+    wanted = {(ipaddress.IPv4Address(a).packed, p, v or 0) for a, p, v in inputs}
+    if (key[:4], int.from_bytes(key[4:], "big"), vid) in wanted:
+        program = compile_filter(
+            [(a, p) for a, p, _ in inputs], vlans={v for _, _, v in inputs if v is not None}
+        )
+        assert run(program, frame, pkttype, tci) == ACCEPT
+
+
+@pytest.mark.parametrize("depth", [1, 2, 8])
+@pytest.mark.parametrize("vlans", [frozenset(), frozenset({100})])
+def test_stacked_tags_never_pass(depth: int, vlans: frozenset[int]) -> None:
+    """However the tags are split between metadata and bytes, two or more never pass."""
+    program = compile_filter([(G, P)], vlans=vlans)
+    for tpid in (0x8100, 0x88A8):
+        inline = [tpid << 16 | 100] * depth
+        assert run(program, udp(G, P, vlan_tags=inline), tci=100) == 0  # outer one moved
+        if depth > 1:
+            assert run(program, udp(G, P, vlan_tags=inline)) == 0  # all inline
+
+
+@pytest.mark.parametrize(
+    ("vlans", "tci", "accepted"),
+    [
+        (frozenset(), None, True),
+        (frozenset(), 200, False),
+        (frozenset(), 0x6000, True),  # priority only: untagged
+        (frozenset({200}), 200, True),
+        (frozenset({200}), 0xE000 | 200, True),  # priority bits ignored
+        (frozenset({200}), 201, False),
+        (frozenset({200}), None, True),
+        (frozenset(range(1, 60)), 59, True),  # a VLAN search tree
+        (frozenset(range(1, 60)), 60, False),
+    ],
+)
+def test_stripped_tag(vlans: frozenset[int], tci: int | None, accepted: bool) -> None:
+    program = compile_filter([(G, P)], vlans=vlans)
+    check_program(program)
+    assert run(program, udp(G, P), tci=tci) == (ACCEPT if accepted else 0)
+    assert run(program, udp(G, P + 1), tci=tci) == 0
+
+
+def test_bad_vlan_rejected() -> None:
+    with pytest.raises(ValueError, match="VLAN"):
+        compile_filter([(G, P)], vlans=[4095])
 
 
 def test_large_program_jumps_use_trampolines() -> None:

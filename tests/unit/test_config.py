@@ -25,6 +25,15 @@ input-group = "239.1.1.2"
 input-port = 5000
 input-source = "10.0.0.5"
 outputs = ["239.10.1.2:5000:eth1"]
+
+[[rule]]
+id = "cam3"
+input-interface = "eth0"
+input-group = "239.1.1.2"
+input-port = 5000
+input-source = "10.0.0.5"
+input-vlan = 200
+outputs = ["239.10.1.3:5000:eth1"]
 """
 
 
@@ -33,6 +42,7 @@ def test_parse_and_round_trip() -> None:
     assert rules[0].id == "cam1"
     assert rules[0].outputs[1].ttl == 32
     assert rules[1].input.source == "10.0.0.5"
+    assert (rules[1].input.vlan, rules[2].input.vlan) == (None, 200)
     assert config.parse(config.dump(rules)) == rules
 
 
@@ -42,15 +52,18 @@ def test_parse_and_round_trip() -> None:
         ("[[rule]\n", "line 1"),
         ("colour = 1\n", "unknown top-level key"),
         ('[[rule]]\ninput-interface = "e"\n', "rule 1 \\(line 1\\): missing key"),
-        (GOOD + '\n[[rule]]\nid = "x"\nbogus = 1\n', "rule 3 \\(line 16\\): unknown key"),
+        (GOOD + '\n[[rule]]\nid = "x"\nbogus = 1\n', "rule 4 \\(line 25\\): unknown key"),
         (GOOD.replace("5000\noutputs", "70000\noutputs", 1), "outside 1-65535"),
         (
-            GOOD.replace('"239.1.1.2"', '"239.1.1.1"').replace(
-                'input-source = "10.0.0.5"\n', 'id = "cam1"\n'
+            GOOD.replace('"239.1.1.2"', '"239.1.1.1"', 1).replace(
+                'input-source = "10.0.0.5"\n', 'id = "cam1"\n', 1
             ),
             "duplicate rule id",
         ),
         (GOOD.replace("input-port = 5000", 'input-port = "5000"', 1), "must be an integer"),
+        (GOOD.replace("input-vlan = 200", 'input-vlan = "200"'), "'input-vlan' must be an integer"),
+        (GOOD.replace("input-vlan = 200", "input-vlan = 5000"), "vlan: 5000 is outside 1-4094"),
+        (GOOD.replace("input-vlan = 200\n", ""), "same input as rule"),
     ],
 )
 def test_errors_name_the_problem(text: str, message: str) -> None:

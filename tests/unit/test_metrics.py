@@ -109,8 +109,9 @@ def test_drops_cover_documented_reasons_and_reported_ones() -> None:
     drops = [line for line in lines() if line.startswith("mcrelay_drops_total{")]
     assert 'mcrelay_drops_total{reason="no_rule"} 4' in drops
     assert 'mcrelay_drops_total{reason="fragment"} 0' in drops  # known, not seen yet
+    assert 'mcrelay_drops_total{reason="vlan"} 0' in drops
     assert 'mcrelay_drops_total{reason="outgoing"} 2' in drops  # reported, not documented
-    assert len(drops) == 8
+    assert len(drops) == 9
 
 
 def test_worker_and_rule_states_are_one_hot() -> None:

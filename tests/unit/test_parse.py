@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mcrelay.dataplane.frames import build_udp_frame, multicast_mac
-from mcrelay.dataplane.parse import Drop, parse_udp
+from mcrelay.dataplane.parse import Drop, inline_vlan, parse_udp
 
 addresses = st.integers(0, 2**32 - 1).map(lambda i: str(ipaddress.IPv4Address(i)))
 ports = st.integers(0, 0xFFFF)
@@ -21,7 +21,7 @@ tags = st.lists(
         st.integers(0, 0xFFFF).map(lambda tci: 0x88A8 << 16 | tci),  # 802.1ad
         st.integers(0, 0xFFFF).map(lambda tci: 0x8100 << 16 | tci),
     ),
-    max_size=3,
+    max_size=1,  # a second tag is refused (test_stacked_tags_are_refused)
 )
 options = st.integers(0, 10).flatmap(
     lambda words: st.binary(min_size=4 * words, max_size=4 * words)
@@ -155,7 +155,8 @@ BASE = {"src": "10.0.0.1", "dst": "239.1.2.3", "sport": 1000, "dport": 5000, "pa
         ({"ihl": 6}, Drop.TRUNCATED),  # the UDP "header" ends past the datagram
         ({"ihl": 15}, Drop.MALFORMED),  # header longer than the datagram
         ({"ethertype": 0x86DD}, Drop.NOT_IPV4),
-        ({"ethertype": 0x0806, "vlan_tags": [7, 8]}, Drop.NOT_IPV4),
+        ({"ethertype": 0x0806, "vlan_tags": [7]}, Drop.NOT_IPV4),
+        ({"ethertype": 0x0806, "vlan_tags": [7, 8]}, Drop.VLAN),
         ({"proto": 6, "flags_frag": 0x2000}, Drop.FRAGMENT),  # fragment is checked first
     ],
 )
@@ -206,7 +207,31 @@ def test_labels_are_stable_and_distinct() -> None:
         Drop.FRAGMENT: "fragment",
         Drop.NOT_UDP: "not_udp",
         Drop.OUTGOING: "outgoing",
+        Drop.VLAN: "vlan",
     }
+
+
+@pytest.mark.parametrize("depth", [2, 3, 8, 370])
+@pytest.mark.parametrize("tpid", [0x8100, 0x88A8])
+def test_stacked_tags_are_refused(depth: int, tpid: int) -> None:
+    """However deep the stack, the second tag ends the parse."""
+    frame = build(BASE, vlan_tags=[tpid << 16 | 100 + i for i in range(depth)])
+    assert parse_udp(frame) is Drop.VLAN
+    assert parse_udp(frame[:22]) is Drop.VLAN  # the rest of the stack never read
+
+
+def test_an_inline_tag_after_a_stripped_one_is_refused() -> None:
+    """`tagged`: the kernel already took the outer tag off; any tag left is a second one."""
+    single = build(BASE, vlan_tags=[200])
+    assert parse_udp(single, tagged=True) is Drop.VLAN
+    assert not isinstance(parse_udp(build(BASE), tagged=True), Drop)
+
+
+def test_inline_vlan_id() -> None:
+    assert inline_vlan(build(BASE)) == 0
+    assert inline_vlan(build(BASE, vlan_tags=[0xE000 | 200])) == 200  # priority bits ignored
+    assert inline_vlan(build(BASE, vlan_tags=[0x88A8 << 16 | 7])) == 7
+    assert inline_vlan(build(BASE, vlan_tags=[5])[:17]) == 0
 
 
 def test_multicast_mac() -> None:

@@ -25,6 +25,7 @@ def test_default_id_is_stable_hash_of_input() -> None:
     ("kwargs", "message"),
     [
         ({"group": "239.1.1"}, "not an IPv4 address"),
+        ({"group": "239.1.1.1\x00"}, "not an IPv4 address"),
         ({"group": "224.0.0.251"}, "link-local"),
         ({"port": 0}, "outside 1-65535"),
         ({"port": 70000}, "outside 1-65535"),
@@ -35,6 +36,9 @@ def test_default_id_is_stable_hash_of_input() -> None:
         ({"outputs": [Output("239.2.2.2", 5000, "bad/if")]}, "interface name"),
         ({"rule_id": "has space"}, "rule id"),
         ({"source": "239.9.9.9"}, "multicast"),
+        ({"vlan": 0}, "vlan: 0 is outside 1-4094"),
+        ({"vlan": 4095}, "outside 1-4094"),
+        ({"vlan": True}, "outside 1-4094"),
     ],
 )
 def test_validation_errors(kwargs: dict[str, object], message: str) -> None:
@@ -103,3 +107,19 @@ def test_bad_ids_are_refused(rule_id: str) -> None:
 def test_empty_id_is_refused_not_defaulted() -> None:
     with pytest.raises(RuleError, match="rule id"):
         mk(rule_id="")
+
+
+def test_a_vlan_is_part_of_the_input() -> None:
+    """Ids and digests of rules without a VLAN are what they were before rules could name one
+    (the values below were computed by mcrelay before); a VLAN makes another input."""
+    plain = mk()
+    assert plain.id == "r-d6dd2a017f"  # type: ignore[attr-defined]
+    assert digest([plain]) == "365e1d4b45fd6c30"  # type: ignore[list-item]
+    tagged = mk(vlan=200)
+    assert tagged.id not in (plain.id, mk(vlan=201).id)  # type: ignore[attr-defined]
+    assert digest([tagged]) != digest([mk(vlan=201)])  # type: ignore[list-item]
+    table = RuleTable()
+    table.add(plain)  # type: ignore[arg-type]
+    table.add(tagged)  # type: ignore[arg-type]  # the same group:port, another VLAN
+    with pytest.raises(RuleError, match="already relays"):
+        table.add(mk(vlan=200, rule_id="again"))  # type: ignore[arg-type]
