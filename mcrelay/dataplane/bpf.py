@@ -281,12 +281,7 @@ def _vlan_check(asm: _Asm, vlans: list[int], accept: str, drop: str) -> None:
     asm.jump(BPF_JEQ, 0x8100, drop, None)
     asm.jump(BPF_JEQ, 0x88A8, drop, None)
     asm.op(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_VLAN_TAG)
-    asm.op(BPF_ALU | BPF_AND | BPF_K, VLAN_VID_MASK)
-    if vlans:
-        asm.jump(BPF_JEQ, 0, done, None)
-        _member(asm, vlans, LEAF, done, drop)
-    else:
-        asm.jump(BPF_JEQ, 0, done, drop)
+    _vlan_id_check(asm, vlans, done, drop)
     asm.place(untagged)
     asm.op(BPF_LD | BPF_H | BPF_ABS, 12)
     asm.jump(BPF_JEQ, 0x8100, inline, None)
@@ -298,13 +293,19 @@ def _vlan_check(asm: _Asm, vlans: list[int], accept: str, drop: str) -> None:
     asm.jump(BPF_JEQ, 0x8100, drop, None)
     asm.jump(BPF_JEQ, 0x88A8, drop, None)
     asm.op(BPF_LD | BPF_H | BPF_ABS, 14)
+    _vlan_id_check(asm, vlans, accept, drop)
+    asm.place(done)
+
+
+def _vlan_id_check(asm: _Asm, vlans: list[int], allowed: str, drop: str) -> None:
+    """A holds a tag (TCI): on to ``allowed`` when its VLAN id is 0 (priority bits only) or one
+    of ``vlans``, else to ``drop``."""
     asm.op(BPF_ALU | BPF_AND | BPF_K, VLAN_VID_MASK)
     if vlans:
-        asm.jump(BPF_JEQ, 0, accept, None)
-        _member(asm, vlans, LEAF, accept, drop)
+        asm.jump(BPF_JEQ, 0, allowed, None)
+        _member(asm, vlans, LEAF, allowed, drop)
     else:
-        asm.jump(BPF_JEQ, 0, accept, drop)
-    asm.place(done)
+        asm.jump(BPF_JEQ, 0, allowed, drop)
 
 
 def _program(
