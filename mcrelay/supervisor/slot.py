@@ -370,10 +370,16 @@ class WorkerSlot:
             exited.set()
             self.pid = None
             self._role.released(self, launched.pid)
+            if gone and self._stopping:
+                # Said here, not after the block: once `exited` is set the supervisor may end,
+                # and cancel this task while its nursery is still closing.
+                log.info(
+                    "worker %s (pid %d) stopped: %s",
+                    self.id,
+                    launched.pid,
+                    _describe_status(status),
+                )
         if self._stopping:
-            log.info(
-                "worker %s (pid %d) stopped: %s", self.id, launched.pid, _describe_status(status)
-            )
             return "clean"
         if self._restart_requested:
             log.info("worker %s (pid %d) replaced on request", self.id, launched.pid)

@@ -4,8 +4,11 @@ send deadline, the rule-change lock is never held longer, and a late change is n
 from __future__ import annotations
 
 import dataclasses
+import logging
 
+import pytest
 import trio
+import trio.lowlevel
 
 from mcrelay.ipc import messages as m
 from mcrelay.rules import Output, make_rule
@@ -115,3 +118,23 @@ async def test_stop_is_ordered_and_bounded_with_a_stuck_worker(
         await trio.sleep(60)
         assert [len(launcher.of(w)) for w in ("data-0", "data-1")] == [1, 1]
         assert all(s.state.value == WorkerState.EXITED for s in sup.slots.values())
+
+
+async def test_every_stopped_worker_says_so_even_when_the_supervisor_ends_at_once(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The daemon cancels everything as soon as `stop` returns; a worker stopped while a large
+    update was still going to it must be logged as stopped all the same."""
+    caplog.set_level(logging.INFO, logger="mcrelay")
+    settings = dataclasses.replace(SETTINGS, num_workers=2)
+    async with running(settings) as (sup, _):
+        await sup.wait_all_running()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.execute, big_load())
+            await trio.lowlevel.checkpoint()
+            await sup.stop()
+            nursery.cancel_scope.cancel()
+        # Leaving `running` cancels the supervisor at once, as the daemon does.
+    messages = [r.getMessage() for r in caplog.records]
+    stopped = {m.split()[1] for m in messages if " stopped: " in m}
+    assert stopped == set(sup.slots), caplog.text[-2000:]
