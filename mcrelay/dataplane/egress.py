@@ -125,6 +125,10 @@ class _SockaddrIn(ctypes.Structure):
     )
 
 
+#: A whole ``sockaddr_in`` in one pack: family in host order, port in network order.
+_SOCKADDR_IN = struct.Struct("=H2s4s8x")
+
+
 class _CMsgSegment(ctypes.Structure):
     """``CMSG_SPACE(2)`` bytes: a cmsghdr carrying UDP_SEGMENT's u16 segment size."""
 
@@ -177,9 +181,9 @@ class Destination:
             raise ValueError(f"port must be 1..65535, got {port}")
         self.host = host
         self.port = port
-        sa = _SockaddrIn()
-        sa.sin_family = socket.AF_INET
-        ctypes.memmove(ctypes.addressof(sa) + 2, port.to_bytes(2, "big") + packed, 6)
+        sa = _SockaddrIn.from_buffer_copy(
+            _SOCKADDR_IN.pack(socket.AF_INET, port.to_bytes(2, "big"), packed)
+        )
         self._sockaddr = sa
         self.address = ctypes.addressof(sa)  # what msg_name points to
 

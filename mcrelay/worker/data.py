@@ -82,11 +82,33 @@ class _OutputSockets:
         self._dead_sock = _dead_socket()
 
     def get(self, interface: str, ttl: int, multicast: bool) -> tuple[socket.socket, int]:
-        """The socket and its UDP GSO segment limit (0: one datagram per message)."""
+        """The socket and its UDP GSO segment limit (0: one datagram per message).
+
+        A key found dead stays dead until `reopen` tries it again: a rebuild of many outputs
+        on a missing interface costs one failed open, not one per output."""
         key = (interface, ttl, multicast)
         entry = self._socks.get(key)
         if entry is not None:
             return entry
+        if key in self.dead:
+            return (self._dead_sock, 0)
+        return self._open(key)
+
+    def reopen(self, keys: set[tuple[str, int, bool]]) -> set[tuple[str, int, bool]]:
+        """Open these keys afresh (closing the live ones); the keys whose socket changed."""
+        changed = set()
+        for key in keys:
+            entry = self._socks.pop(key, None)
+            if entry is not None:
+                entry[0].close()
+            was_dead = key in self.dead
+            self._open(key)
+            if not (was_dead and key in self.dead):
+                changed.add(key)
+        return changed
+
+    def _open(self, key: tuple[str, int, bool]) -> tuple[socket.socket, int]:
+        interface, ttl, multicast = key
         try:
             sock = open_output_socket(interface, ttl=ttl, multicast=multicast)
         except OSError as exc:
@@ -125,7 +147,10 @@ class _OutputSockets:
 
 
 def _output_key(out: rules_mod.Output) -> tuple[str, int, bool]:
-    return (out.interface, out.ttl, _address(out.group) >> 28 == 0xE)
+    """(interface, ttl, multicast): the output's socket. The group is a validated dotted
+    quad, so its first octet alone says multicast (224-239)."""
+    group = out.group
+    return (out.interface, out.ttl, 224 <= int(group[: group.index(".")]) <= 239)
 
 
 def _rule_key(rule: Rule) -> int:
@@ -421,7 +446,11 @@ class DataWorker:
         log.error("fault injected: page-garbage")
 
     def _revive_outputs(self) -> None:
-        """Reopen outputs whose interface was missing or has gone away and come back."""
+        """Reopen outputs whose interface was missing or has gone away and come back.
+
+        Only routes whose socket changes are rebuilt: a large table on an interface that is
+        still missing costs one failed open per interval, not a rebuild of every output
+        (which would hold the relay up for as long as the rebuild takes)."""
         stale = set(self._sockets.dead)
         for rule, route in self._routes.values():
             for o, out in zip(rule.outputs, route.outputs, strict=True):
@@ -430,19 +459,18 @@ class DataWorker:
                     out.last_error = 0
         if not stale:
             return
-        self._sockets.forget(stale)
-        changed = False
+        changed = self._sockets.reopen(stale)
+        if not changed:
+            return
         for rule, route in list(self._routes.values()):
-            if any(_output_key(o) in stale for o in rule.outputs):
+            if any(_output_key(o) in changed for o in rule.outputs):
                 outputs = []
                 for o, out in zip(rule.outputs, route.outputs, strict=True):
                     sock, gso_max = self._sockets.get(*_output_key(o))
                     outputs.append(dataclasses.replace(out, sock=sock, gso_max=gso_max))
                 route.outputs = tuple(outputs)
-                changed = True
-        if changed:
-            for capture in self._captures.values():
-                self._install(capture)
+        for capture in self._captures.values():
+            self._install(capture)
 
 
 @contextlib.contextmanager
