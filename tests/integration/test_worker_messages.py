@@ -56,8 +56,10 @@ def test_garbage_in_a_dead_workers_counter_page_is_refused(tmp_path: Path) -> No
     faults.write_text("data:page-garbage\n")
     with daemon(tmp_path, "--num-workers", "1", env={"MCRELAY_FAULT_FILE": str(faults)}) as d:
         d.ok("add", *RULE)
-        victim = d.workers()["data-0"]["pid"]
-        wait_for(lambda: "fault injected: page-garbage" in d.log.read_text(), 10)
+        victim = wait_for(lambda: (w := d.workers()["data-0"])["rules"] == 1 and w["pid"], 10)
+        # the page is scribbled on after each report: wait for one made after the rule was held
+        scribbled = d.log.read_text().count("fault injected: page-garbage")
+        wait_for(lambda: d.log.read_text().count("fault injected: page-garbage") > scribbled, 10)
         faults.unlink()
         os.kill(victim, signal.SIGKILL)
         d.wait_replaced("data-0", victim)
