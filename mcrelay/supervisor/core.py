@@ -81,28 +81,6 @@ class DataPlane(Protocol):
         ...
 
 
-class NoDataPlane:
-    """For harness tests: rules are tracked and acknowledged, no packets move."""
-
-    async def provision(self, slot: WorkerSlot, table: RuleTable) -> None:
-        return None
-
-    async def rules_changed(self, table: RuleTable, slots: list[WorkerSlot]) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-    def rule_state(self, rule: Rule) -> str:
-        return "active"
-
-    def worker_gone(self, slot: WorkerSlot, pid: int) -> int:
-        return 0
-
-    async def follow_links(self, sup: Supervisor) -> None:
-        await trio.sleep_forever()
-
-
 class Supervisor:
     def __init__(
         self,
@@ -111,7 +89,7 @@ class Supervisor:
         *,
         table: RuleTable | None = None,
         listen_fd: int | None = None,
-        dataplane: DataPlane | None = None,
+        dataplane: DataPlane,
         store: RuleStore | None = None,
         host_addresses: Callable[[], Collection[ipaddress.IPv4Address]] = host_addresses,
         is_loopback: Callable[[str], bool] = is_loopback_interface,
@@ -125,7 +103,7 @@ class Supervisor:
         self._host_addresses = host_addresses
         self._is_loopback = is_loopback
         self._interface_exists = interface_exists
-        self.dataplane: DataPlane = dataplane or NoDataPlane()
+        self.dataplane: DataPlane = dataplane
         self.stats = StatsBook()
         #: Each data-worker process's counter page, read when the process is gone.
         self.counter_pages = CounterPages()

@@ -156,7 +156,7 @@ async def serve(
     launcher: Launcher,
     *,
     initial_rules: tuple[Rule, ...] = (),
-    dataplane: DataPlane | None = None,
+    dataplane: DataPlane,
     config_file: Path | None = None,
     store: RuleStore | None = None,
     metrics_listen: str | None = None,

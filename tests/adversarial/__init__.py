@@ -24,7 +24,7 @@ from mcrelay import client
 from mcrelay.ipc import messages as m
 from mcrelay.ipc.framing import MORE_FRAGMENTS
 from mcrelay.rules import Output, Rule, RuleInput
-from tests.integration.daemon import Daemon, daemon, wait_for
+from tests.lab.daemon import Daemon, daemon, wait_for
 
 HEADER = struct.Struct("!I")
 _server_decoder = msgspec.msgpack.Decoder(m.ServerToClient)

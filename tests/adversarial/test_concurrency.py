@@ -33,7 +33,7 @@ from tests.adversarial import (
     live_daemon,
     take_baseline,
 )
-from tests.integration.daemon import Daemon, daemon, pid_alive, wait_for
+from tests.lab.daemon import Daemon, daemon, pid_alive, wait_for
 
 Live = tuple[Daemon, Baseline]
 CLIENTS = 200

@@ -42,7 +42,7 @@ from tests.adversarial import (
     live_daemon,
     workers_of,
 )
-from tests.integration.daemon import Daemon, wait_for
+from tests.lab.daemon import Daemon, wait_for
 
 Live = tuple[Daemon, Baseline]
 TRIED: collections.Counter[str] = collections.Counter()

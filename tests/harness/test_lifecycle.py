@@ -18,6 +18,7 @@ from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerFatal
 from mcrelay.supervisor.states import WorkerState
 from tests.harness import fakes
+from tests.lab.fake_dataplane import NoDataPlane
 
 SETTINGS = SupervisorSettings(num_workers=1, max_failures=1000)
 
@@ -32,7 +33,7 @@ async def running(
             launcher = fakes.FakeLauncher(fake_procs)
             for worker_id, behaviours in (script or {}).items():
                 launcher.script(worker_id, *behaviours)
-            sup = Supervisor(settings, launcher)
+            sup = Supervisor(settings, launcher, dataplane=NoDataPlane())
             async with trio.open_nursery() as nursery:
                 await nursery.start(sup.run)
                 yield sup, launcher

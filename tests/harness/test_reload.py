@@ -15,6 +15,7 @@ from mcrelay.supervisor.main import reload_config, start_rules
 from mcrelay.supervisor.persistence import RuleStore
 from mcrelay.supervisor.settings import SupervisorSettings
 from tests.harness import fakes
+from tests.lab.fake_dataplane import NoDataPlane
 
 
 def rule(rule_id: str, n: int) -> Rule:
@@ -33,7 +34,10 @@ async def test_a_reload_never_undoes_a_change_made_while_it_waited(
     with trio.fail_after(600):
         async with trio.open_nursery() as fake_procs:
             sup = Supervisor(
-                SupervisorSettings(num_workers=1), fakes.FakeLauncher(fake_procs), store=store
+                SupervisorSettings(num_workers=1),
+                fakes.FakeLauncher(fake_procs),
+                dataplane=NoDataPlane(),
+                store=store,
             )
             start_rules(sup, conf, config.load(conf))
             async with trio.open_nursery() as nursery:

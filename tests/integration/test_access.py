@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import as_user_argv, cli_as, daemon, wait_for
+from tests.lab.daemon import as_user_argv, cli_as, daemon, wait_for
 
 OTHER = pwd.getpwnam("daemon")  # an unprivileged user that exists on every Debian system
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import Daemon, cli, daemon, wait_for
+from tests.lab.daemon import Daemon, cli, daemon, wait_for
 
 IN = ["--input-interface", "in0", "--input-port", "5000"]
 

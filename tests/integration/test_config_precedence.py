@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import Daemon, daemon, wait_for
+from tests.lab.daemon import Daemon, daemon, wait_for
 
 OUT = ["--output", "239.9.9.9:6000:out0"]
 

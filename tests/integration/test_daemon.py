@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import Daemon, cli, daemon, is_worker, pid_alive, wait_for
+from tests.lab.daemon import Daemon, cli, daemon, is_worker, pid_alive, wait_for
 
 RULE = ["--input-interface", "in0", "--input-port", "5000", "--output", "239.9.9.9:6000:out0"]
 

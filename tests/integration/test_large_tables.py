@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.daemon import Daemon, daemon, wait_for
 from tests.integration.test_metrics import free_port, http_get
+from tests.lab.daemon import Daemon, daemon, wait_for
 
 RULES, OUTPUTS = 10_000, 8
 

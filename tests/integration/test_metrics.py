@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from mcrelay.system.metrics import Limits, MetricsListenError, open_metrics_listeners, serve_metrics
-from tests.integration.daemon import Daemon, daemon, wait_for
+from tests.lab.daemon import Daemon, daemon, wait_for
 
 MCRELAY = [sys.executable, "-m", "mcrelay"]
 RULE = ["--input-interface", "in0", "--input-group", "239.1.1.1", "--input-port", "5000"]

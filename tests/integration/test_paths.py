@@ -7,7 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-from tests.integration.daemon import cli, daemon, wait_for
+from tests.lab.daemon import cli, daemon, wait_for
 
 RULE = ["--input-interface", "in0", "--input-port", "5000", "--output", "239.9.9.9:6000:o"]
 PRECIOUS = "precious contents\n"

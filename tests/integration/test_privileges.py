@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import daemon
+from tests.lab.daemon import daemon
 
 ROOT_ONLY = ("unshare", "--user", "--map-root-user", "--net")
 

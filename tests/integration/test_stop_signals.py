@@ -15,9 +15,9 @@ import pytest
 from mcrelay import rules as rules_mod
 from mcrelay.ipc import messages as m
 from mcrelay.rules import Rule
-from tests.integration.daemon import daemon
-from tests.integration.stopping import assert_stopped_cleanly, saved_digest, stop_with
 from tests.integration.test_wedge import Background, consistent, rule_set
+from tests.lab.daemon import daemon
+from tests.lab.stopping import assert_stopped_cleanly, saved_digest, stop_with
 
 RULE = ["--input-interface", "in0", "--input-port", "5000", "--output", "239.9.9.9:6000:o"]
 TERM, INT = signal.SIGTERM, signal.SIGINT

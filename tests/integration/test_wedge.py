@@ -22,7 +22,7 @@ from mcrelay import client, config
 from mcrelay import rules as rules_mod
 from mcrelay.ipc import messages as m
 from mcrelay.rules import Output, Rule, RuleInput
-from tests.integration.daemon import Daemon, daemon, pid_alive, wait_for
+from tests.lab.daemon import Daemon, daemon, pid_alive, wait_for
 
 #: 2,200 rules x 8 outputs: a ReplaceRules of about 0.95 MiB, just under the client frame limit.
 BIG = 2200

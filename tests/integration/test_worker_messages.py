@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import daemon, wait_for
+from tests.lab.daemon import daemon, wait_for
 
 RULE = [
     "--input-interface", "in0", "--input-group", "239.1.1.1", "--input-port", "5000",

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from mcrelay.dataplane.frames import build_udp_frame
-from tests.netns import topology
+from tests.lab import topology
+from tests.lab.frames import build_udp_frame
 
 pytestmark = [
     pytest.mark.netns,

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from mcrelay.dataplane import bpf
-from tests.integration.daemon import Daemon, daemon, wait_for
-from tests.netns import topology
+from tests.lab import topology
+from tests.lab.daemon import Daemon, daemon, wait_for
 
 pytestmark = [
     pytest.mark.netns,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import Daemon, wait_for
-from tests.netns import topology
-from tests.netns.relay import relay_daemon, run_gen, sink
+from tests.lab import topology
+from tests.lab.daemon import Daemon, wait_for
+from tests.lab.relay import relay_daemon, run_gen, sink
 
 pytestmark = [
     pytest.mark.netns,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import Daemon, daemon
-from tests.netns import topology
+from tests.lab import topology
+from tests.lab.daemon import Daemon, daemon
 
 pytestmark = [
     pytest.mark.netns,

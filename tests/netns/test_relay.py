@@ -1,4 +1,4 @@
-"""Real packets through a real relay: gen-ns → relay-ns → sink-ns (see tests/netns/relay.py)."""
+"""Real packets through a real relay: gen-ns → relay-ns → sink-ns (see tests/lab/relay.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import Daemon, as_user_argv, private_python, wait_for
-from tests.netns import topology
-from tests.netns.relay import gen, relay_daemon, run_gen, sink
+from tests.lab import topology
+from tests.lab.daemon import Daemon, as_user_argv, private_python, wait_for
+from tests.lab.relay import gen, relay_daemon, run_gen, sink
 
 pytestmark = [
     pytest.mark.netns,
@@ -136,7 +136,7 @@ def _unicast_to_multicast(chain: topology.Chain, relay: Daemon) -> None:
 
 TAGGED = r"""
 import socket, sys, time
-from mcrelay.dataplane.frames import build_udp_frame, multicast_mac
+from tests.lab.frames import build_udp_frame, multicast_mac
 from mcrelay.tools.payload import build_payload
 ifname, group, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
@@ -170,7 +170,7 @@ def test_vlan_tagged_input(chain: topology.Chain, relay: Daemon) -> None:
 
 HOSTILE = r"""
 import socket, sys
-from mcrelay.dataplane.frames import build_udp_frame, multicast_mac
+from tests.lab.frames import build_udp_frame, multicast_mac
 ifname, group, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind((ifname, 0))
@@ -472,7 +472,7 @@ def test_workers_relay_without_privileges_from_a_private_python(
 
 FLOOD = r"""
 import socket, sys, time
-from mcrelay.dataplane.frames import build_udp_frame, multicast_mac
+from tests.lab.frames import build_udp_frame, multicast_mac
 ifname, group, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind((ifname, 0))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.daemon import daemon, wait_for
-from tests.netns import topology
+from tests.lab import topology
+from tests.lab.daemon import daemon, wait_for
 
 pytestmark = [
     pytest.mark.netns,

@@ -39,7 +39,7 @@ from mcrelay.dataplane.relay_loop import (
     route_key,
 )
 from mcrelay.dataplane.ring import RxRing
-from tests.netns import topology
+from tests.lab import topology
 
 pytestmark = [
     pytest.mark.netns,

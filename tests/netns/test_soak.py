@@ -1,4 +1,4 @@
-"""The chaos soak for 60 s (scripts/soak.py, docs/soak.md): workers and the supervisor are
+"""The chaos soak for 60 s (`tests.lab.soak`, docs/soak.md): workers and the supervisor are
 SIGKILLed, SIGSTOPped and SIGCONTed (the supervisor restarted on the same state directory after a
 kill), links flap, rules are churned and a few hundred loaded at once, all while traffic flows;
 the soak's invariants must hold: no rule lost, no orphan process or socket file, no wedged
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import topology
+from tests.lab import topology
 
 pytestmark = [
     pytest.mark.netns,
@@ -30,7 +30,7 @@ pytestmark = [
     pytest.mark.skipif(not topology.have_netns(), reason="needs root and ip netns"),
 ]
 
-SOAK = Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
+ROOT = Path(__file__).resolve().parents[2]  # where `tests.lab.soak` is importable from
 DURATION_S = 60
 # set-up, the last segment running over the budget, the end checkpoint and the final checks
 TIMEOUT_S = DURATION_S + 120
@@ -40,10 +40,20 @@ def test_soak_60s_keeps_its_invariants() -> None:
     # longer than the suite's faulthandler_timeout by design: dump the stacks only if it hangs
     faulthandler.dump_traceback_later(TIMEOUT_S + 60)
     proc = subprocess.Popen(
-        [sys.executable, str(SOAK), "--duration", str(DURATION_S), "--seed", "1", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "tests.lab.soak",
+            "--duration",
+            str(DURATION_S),
+            "--seed",
+            "1",
+            "--json",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        cwd=ROOT,
     )
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)

@@ -10,10 +10,10 @@ import pytest
 
 from mcrelay import client
 from mcrelay.ipc import messages as m
-from tests.integration.daemon import Daemon, daemon, wait_for
-from tests.integration.stopping import assert_stopped_cleanly, saved_digest, stop_with
-from tests.netns import topology
-from tests.netns.relay import gen
+from tests.lab import topology
+from tests.lab.daemon import Daemon, daemon, wait_for
+from tests.lab.relay import gen
+from tests.lab.stopping import assert_stopped_cleanly, saved_digest, stop_with
 
 pytestmark = [
     pytest.mark.netns,

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns import topology
+from tests.lab import topology
 
 pytestmark = [
     pytest.mark.netns,

@@ -1,7 +1,7 @@
 """VLAN tags on the input, sent as raw frames from gen-ns: a rule without a VLAN takes untagged
 frames only, a rule with `--input-vlan` only its VLAN's, and stacked tags never reach a worker.
 
-Tagged frames are built by `mcrelay.dataplane.frames` and sent on an AF_PACKET socket in gen-ns,
+Tagged frames are built by `tests.lab.frames` and sent on an AF_PACKET socket in gen-ns,
 paced on an absolute schedule and bounded by a count; the veth's receiving side moves the outer
 tag into metadata as a real NIC's driver does.
 """
@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.daemon import Daemon, wait_for
-from tests.netns import topology
-from tests.netns.relay import gen, relay_daemon, run_gen, sink
+from tests.lab import topology
+from tests.lab.daemon import Daemon, wait_for
+from tests.lab.relay import gen, relay_daemon, run_gen, sink
 
 pytestmark = [
     pytest.mark.netns,
@@ -32,7 +32,7 @@ UNTAGGED_OUT, VLAN_OUT = ("239.2.2.2", 5001), ("239.2.2.3", 5002)
 # argv: interface, group, port, count, rate, stream, JSON list of tag stacks (cycled)
 SEND = r"""
 import json, socket, sys, time
-from mcrelay.dataplane.frames import build_udp_frame, multicast_mac
+from tests.lab.frames import build_udp_frame, multicast_mac
 from mcrelay.tools.payload import build_payload
 ifname, group, port, count, rate, stream = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
 stacks = json.loads(sys.argv[7])

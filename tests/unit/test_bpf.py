@@ -42,8 +42,8 @@ from mcrelay.dataplane.bpf import (
     compile_filter,
     drop_all,
 )
-from mcrelay.dataplane.frames import build_udp_frame
 from mcrelay.dataplane.parse import Drop, inline_vlan, parse_udp
+from tests.lab.frames import build_udp_frame
 
 PACKET_HOST, PACKET_MULTICAST, PACKET_OUTGOING = 0, 2, 4
 U32 = 0xFFFFFFFF

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcrelay.dataplane.frames import build_udp_frame, multicast_mac
 from mcrelay.dataplane.parse import Drop, inline_vlan, parse_udp
+from tests.lab.frames import build_udp_frame, multicast_mac
 
 addresses = st.integers(0, 2**32 - 1).map(lambda i: str(ipaddress.IPv4Address(i)))
 ports = st.integers(0, 0xFFFF)
@@ -242,7 +242,7 @@ def test_multicast_mac() -> None:
 
 
 def test_ipv4_header_checksum_verifies() -> None:
-    from mcrelay.dataplane.frames import internet_checksum
+    from tests.lab.frames import internet_checksum
 
     frame = build(BASE, ip_options=b"\x01" * 8, vlan_tags=[5])
     header = frame[18 : 18 + 28]

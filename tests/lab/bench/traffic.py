@@ -1,12 +1,11 @@
-#!/usr/bin/env python3
 """Traffic roles of scripts/bench, each run inside a network namespace by the driver.
 
-    ip netns exec NS python scripts/bench_traffic.py gen  --ifname IF --group G --port P ...
-    ip netns exec NS python scripts/bench_traffic.py sink --ifname IF --flows F ...
+    ip netns exec NS python -m tests.lab.bench.traffic gen  --ifname IF --group G --port P ...
+    ip netns exec NS python -m tests.lab.bench.traffic sink --ifname IF --flows F ...
 
 Both print JSON lines on stdout: ``{"ready": true}`` once set up, then one result object.
 
-gen — the fast generator (absorbed from the earlier scripts/ring_bench.py). It sends the
+gen — the fast generator (absorbed from the earlier ring benchmark). It sends the
 payload format of `mcrelay gen`/`mcrelay sink` (magic, stream, seq, CLOCK_REALTIME send time,
 filler) so either sink can check it, but hands the kernel up to 63 datagrams per UDP GSO
 message (`mcrelay.dataplane.egress.SendBatch`). The driver turns tx-udp-segmentation off on the
@@ -31,8 +30,7 @@ Frames its ring had to drop are reported (`ring_drops`): a run with sink drops m
 sink, not the relay.
 
 Safety: gen refuses to run outside a namespace the benchmark made (`mcr-*`) and to send anywhere but
-239.0.0.0/8; every role is bounded by count and time.
-"""
+239.0.0.0/8; every role is bounded by count and time."""
 
 from __future__ import annotations
 
@@ -51,8 +49,6 @@ import time
 from array import array
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mcrelay.tools import payload
 
@@ -78,7 +74,7 @@ def cpu_s() -> float:
 
 
 def in_bench_netns() -> bool:
-    """True inside a namespace made by tests/netns/topology.py (`ip netns add mcr-…`)."""
+    """True inside a namespace made by tests/lab/topology.py (`ip netns add mcr-…`)."""
     me = os.stat("/proc/self/ns/net")
     run = Path("/run/netns")
     named = run.glob("mcr-*") if run.is_dir() else ()
@@ -92,9 +88,9 @@ def role_gen(a: argparse.Namespace) -> None:
     from mcrelay.dataplane.egress import IOVEC_TYPECODE, Destination, SendBatch, open_output_socket
 
     if not in_bench_netns():
-        raise SystemExit("bench_traffic gen: only runs inside a benchmark namespace (mcr-*)")
+        raise SystemExit("bench traffic gen: only runs inside a benchmark namespace (mcr-*)")
     if ipaddress.IPv4Address(a.group) not in ipaddress.IPv4Network("239.0.0.0/8"):
-        raise SystemExit("bench_traffic gen: only 239.0.0.0/8 groups")
+        raise SystemExit("bench traffic gen: only 239.0.0.0/8 groups")
     pin(a.cpu)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)  # sleeps of ~100 µs wake on time
@@ -144,9 +140,9 @@ def role_gen(a: argparse.Namespace) -> None:
         ts = time.clock_gettime_ns(time.CLOCK_REALTIME)
         iov = array(IOVEC_TYPECODE, bytes(16 * k))
         for i in range(k):
-            s = seq + i
-            off = ((s * 0x9E3779B1 + sid * 0x85EBCA77) % SLOTS) * size
-            pack(buf, off, magic, sid, s, ts)
+            n = seq + i
+            off = ((n * 0x9E3779B1 + sid * 0x85EBCA77) % SLOTS) * size
+            pack(buf, off, magic, sid, n, ts)
             iov[2 * i] = base + off
             iov[2 * i + 1] = size
         batch.extend(dest, iov, gso_max=gso_max)
@@ -161,7 +157,7 @@ def role_gen(a: argparse.Namespace) -> None:
             flow = (flow + 1) % a.flows
         if res.failed:
             if res.error not in (errno.EAGAIN, errno.ENOBUFS, errno.EINTR):
-                raise SystemExit(f"bench_traffic gen: send failed: {os.strerror(res.error)}")
+                raise SystemExit(f"bench traffic gen: send failed: {os.strerror(res.error)}")
             retries += 1
             select.select([], [socks[flow]], [], 0.001)
     elapsed = time.perf_counter() - t0

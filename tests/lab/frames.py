@@ -1,4 +1,4 @@
-"""Build Ethernet/VLAN/IPv4/UDP frames for tests and traffic tools (the relay never builds any).
+"""Build Ethernet/VLAN/IPv4/UDP frames for tests and lab tools (mcrelay itself never builds any).
 
 Every field a parser or a socket filter has to survive can be set, so the same builder makes both
 well-formed frames and garbage: VLAN stacks, IPv4 options, fragments, other protocols, lying

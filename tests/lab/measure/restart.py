@@ -13,12 +13,10 @@ from pathlib import Path
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from mcrelay import client
 from mcrelay.ipc import messages as m
 from mcrelay.supervisor.backoff import BackoffPolicy
-from tests.integration.daemon import daemon, wait_for
+from tests.lab.daemon import daemon, wait_for
 
 FIRST_BACKOFF = BackoffPolicy().initial  # the default first delay
 
@@ -59,15 +57,12 @@ def main(n: int) -> None:
             time.sleep(0.6)  # past --stable-after, so each kill is a first failure (250 ms)
             t0 = time.monotonic()
             os.kill(old["pid"], signal.SIGKILL)
-            wait_for(
-                lambda old=old: (
-                    (w := d.workers()["data-0"])["pid"] != old["pid"]
-                    and w["state"] == "running"
-                    and w["rules"] == 2
-                ),
-                timeout=10,
-                interval=0.005,
-            )
+
+            def replaced(old_pid: int = old["pid"]) -> bool:
+                w = d.workers()["data-0"]
+                return bool(w["pid"] != old_pid and w["state"] == "running" and w["rules"] == 2)
+
+            wait_for(replaced, timeout=10, interval=0.005)
             samples.append(time.monotonic() - t0)
 
         async def control_latency() -> list[float]:

@@ -1,26 +1,12 @@
-#!/usr/bin/env python3
-"""mcrelay's published benchmark: mcrelay vs kernel multicast forwarding vs socat.
-
-    scripts/bench            # full: 1M datagrams per run, 50k..400k pps + unpaced, 2 repeats
-    scripts/bench --quick    # 200k datagrams, fewer rates, 1 repeat: a few minutes
-
-Run as root through scripts/bench, which installs what is missing (socat, smcroute, ethtool,
-matplotlib). Everything happens in network namespaces this script makes and deletes; traffic
-goes only to 239.0.0.0/8 inside them. Method, placement and caveats: docs/benchmarks/README.md.
-Results: OUT/results.json, OUT/results.md, OUT/loss.png (OUT: docs/benchmarks, or
-docs/benchmarks/quick with --quick).
-"""
+"""The benchmark's campaign: the main comparison, the bisection per system and the extras,
+each run recorded into results.json as it finishes."""
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -28,26 +14,18 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import trio
-from bench_report import summarize, write_markdown, write_plot
-from bench_run import Runner
-from bench_systems import (
-    ROOT,
-    SYSTEMS,
-    Holder,
-    Mcrelay,
-    System,
-    base_rule,
-    make_system,
-    placements,
-    topology,
-)
 
 from mcrelay import client
 from mcrelay import rules as rules_mod
 from mcrelay.ipc import messages as m
+from tests.lab.bench.machine import machine
+from tests.lab.bench.plot import write_plot
+from tests.lab.bench.report import write_markdown
+from tests.lab.bench.run import Runner
+from tests.lab.bench.summary import summarize
+from tests.lab.bench.systems import Holder, Mcrelay, System, base_rule, make_system
+from tests.lab.bench.topology import placements, topology
 
 EXTRAS = ("unroutable", "placement", "control", "rules", "fanout", "input", "priority")
 PHASES = {  # the runs each extra records
@@ -80,41 +58,6 @@ def describe(r: dict[str, Any]) -> str:
     )
 
 
-def sh(*argv: str) -> str:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    lscpu = {
-        k.strip(): v.strip()
-        for k, _, v in (ln.partition(":") for ln in sh("lscpu").splitlines())
-        if v
-    }
-    git = sh("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD")
-    dirty = bool(sh("git", "-C", str(ROOT), "status", "--porcelain", "--", "mcrelay"))
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "hypervisor": lscpu.get("Hypervisor vendor", "none"),
-        "kernel": platform.release(),
-        "os": sh("sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "python": platform.python_version(),
-        "mcrelay": f"{git}{' (mcrelay/ modified)' if dirty else ''}",
-        "socat": sh("sh", "-c", "socat -V | sed -n 2p"),
-        "smcroute": sh("smcrouted", "-v").splitlines()[0] if sh("smcrouted", "-v") else "",
-    }
-
-
 class Bench:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
@@ -139,10 +82,10 @@ class Bench:
                 "command": " ".join(["scripts/bench", *sys.argv[1:]]),
             },
             "generator": (
-                "scripts/bench_traffic.py gen: UDP GSO (63 × 1024 B per message), cut into "
+                "tests.lab.bench.traffic gen: UDP GSO (63 × 1024 B per message), cut into "
                 "frames in software on the generator's veth (tx-udp-segmentation off)"
             ),
-            "sink": "scripts/bench_traffic.py sink: TPACKET_V3 ring counter on the sink veth",
+            "sink": "tests.lab.bench.traffic sink: TPACKET_V3 ring counter on the sink veth",
             "systems": {},
             "runs": [],
             "extras": {},
@@ -165,7 +108,7 @@ class Bench:
         buffers) and at most as long as the slowest fixed run."""
         slowest = min((r for r in self.a.rates if r), default=50_000)
         longest = max(20_000, int(rate * self.a.count / slowest))
-        return min(max(self.a.count, 2 * rate), longest)
+        return int(min(max(self.a.count, 2 * rate), longest))
 
     # ------------------------------------------------------------ main comparison
 
@@ -440,94 +383,3 @@ async def _control_requests(path: Path, until: float, n: int, tag: str) -> dict[
             "max_ms": round(v[-1] * 1e3, 2) if v else None,
         }
     return out
-
-
-def parse_rates(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if part in ("0", "unpaced", "max"):
-            out.append(0)
-        else:
-            out.append(int(float(part[:-1]) * 1000) if part.endswith("k") else int(part))
-    return out
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="200k datagrams, fewer rates, 1 repeat")
-    p.add_argument("--repeat", type=int, help="repeats of the main comparison (2; quick 1)")
-    p.add_argument("--count", type=int, help="datagrams per run (1000000; quick 200000)")
-    p.add_argument("--rates", type=parse_rates, help="offered pps, 0 = unpaced (e.g. 50k,100k,0)")
-    p.add_argument("--search-steps", type=int, help="bisection steps per system (4; quick 2)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {','.join(SYSTEMS)}")
-    p.add_argument("--skip", default="", help=f"extras to leave out: {','.join(EXTRAS)}")
-    p.add_argument("--size", type=int, default=1024, help="UDP payload bytes")
-    p.add_argument("--flows", type=int, default=4, help="generator flows (source ports)")
-    p.add_argument("--relay-cpu", type=int, default=1)
-    p.add_argument("--other-cpu", type=int, default=0, help="generator and sink CPU")
-    p.add_argument("--idle", type=float, default=0.5, help="sink: seconds of silence that end it")
-    p.add_argument(
-        "--retries", type=int, help="re-runs of a run disturbed by others' CPU load (2; quick 1)"
-    )
-    p.add_argument(
-        "--quiet-wait",
-        type=float,
-        help="wait up to this long (s) for idle CPUs before a run (3; quick 1)",
-    )
-    p.add_argument(
-        "--foreign-limit", type=float, default=10.0,
-        help="%% of the machine's CPU used by other processes above which a run is disturbed",
-    )  # fmt: skip
-    p.add_argument("--out", help="results directory")
-    p.add_argument("--report-only", action="store_true", help="rewrite md/png from results.json")
-    p.add_argument(
-        "--extras-only",
-        action="store_true",
-        help="redo only the extras (not --skip'ped) into an existing OUT/results.json",
-    )
-    a = p.parse_args()
-    q = a.quick
-    a.repeat = a.repeat or (1 if q else 2)
-    a.count = a.count or (200_000 if q else 1_000_000)
-    a.retries = a.retries if a.retries is not None else (1 if q else 2)
-    a.quiet_wait = a.quiet_wait if a.quiet_wait is not None else (1.0 if q else 3.0)
-    full_rates = [50_000, 100_000, 200_000, 400_000, 0]
-    a.rates = a.rates or ([100_000, 200_000, 400_000, 0] if q else full_rates)
-    a.search_steps = a.search_steps if a.search_steps is not None else (2 if q else 4)
-    a.systems = [s for s in a.systems.split(",") if s]
-    a.skip = {s for s in a.skip.split(",") if s}
-    a.out = a.out or str(ROOT / "docs" / "benchmarks" / ("quick" if q else ""))
-    if unknown := set(a.systems) - set(SYSTEMS):
-        p.error(f"unknown systems: {', '.join(sorted(unknown))}")
-    if unknown := a.skip - set(EXTRAS):
-        p.error(f"unknown extras: {', '.join(sorted(unknown))}")
-    if a.report_only:
-        results = json.loads((Path(a.out) / "results.json").read_text())
-        results["summary"] = summarize(results)
-        write_markdown(results, Path(a.out) / "results.md")
-        write_plot(results, Path(a.out) / "loss.png")
-        return
-    if os.geteuid() != 0:
-        p.error("needs root (network namespaces); run it as root through scripts/bench")
-    if max(a.relay_cpu, a.other_cpu) >= (os.cpu_count() or 1) or a.relay_cpu == a.other_cpu:
-        p.error("--relay-cpu and --other-cpu must be two different CPUs of this machine")
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds every context manager: processes, namespaces
-
-    signal.signal(signal.SIGTERM, on_term)
-    os.sched_setaffinity(0, {a.other_cpu})  # the driver stays off the relay's CPU
-    t0 = time.monotonic()
-    bench = Bench(a)
-    try:
-        bench.run()
-    finally:
-        if not a.extras_only:
-            bench.results["elapsed_s"] = round(time.monotonic() - t0, 1)
-        bench.save()
-    log(f"done in {time.monotonic() - t0:.0f} s")
-
-
-if __name__ == "__main__":
-    main()

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.integration.daemon import Daemon, daemon
-from tests.netns import topology
+from tests.lab import topology
+from tests.lab.daemon import Daemon, daemon
 
 
 def mcrelay(ns: topology.Netns, *args: str) -> list[str]:
@@ -32,7 +32,8 @@ class Sink:
     def result(self, timeout: float = 30) -> dict[str, Any]:
         out, err = self.proc.communicate(timeout=timeout)
         assert self.proc.returncode == 0, err
-        return json.loads(out)
+        result: dict[str, Any] = json.loads(out)
+        return result
 
 
 @contextlib.contextmanager

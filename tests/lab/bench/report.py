@@ -1,133 +1,13 @@
-"""Summaries, the Markdown report and the loss plot of scripts/bench, from results.json alone
-(`scripts/bench --report-only` redraws them)."""
+"""The Markdown report of scripts/bench, from results.json alone (`scripts/bench
+--report-only` redraws it)."""
 
 from __future__ import annotations
 
-import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-MAIN = ("fixed", "search")
-
-
-def _med(values: list[float]) -> float | None:
-    v = [x for x in values if x is not None]
-    return statistics.median(v) if v else None
-
-
-def _spread(values: list[float]) -> dict[str, Any] | None:
-    v = [x for x in values if x is not None]
-    if not v:
-        return None
-    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
-
-
-def where_lost(r: dict[str, Any], relay_cpu: int, other_cpu: int) -> str:
-    """The drop counters that moved in a run, by place; '' when none did."""
-    c = r.get("counters", {})
-    sn = r.get("softnet_drops", {})
-    parts = []
-    if sn.get(str(relay_cpu)):
-        parts.append(f"relay-CPU backlog {sn[str(relay_cpu)]:,}")
-    if c.get("ring_drops"):
-        parts.append(f"mcrelay ring {c['ring_drops']:,}")
-    if c.get("udp_RcvbufErrors"):
-        parts.append(f"socket rcvbuf {c['udp_RcvbufErrors']:,}")
-    if c.get("out_errors") or c.get("udp_SndbufErrors"):
-        parts.append(f"egress {c.get('out_errors', 0) + c.get('udp_SndbufErrors', 0):,}")
-    sink = r.get("sink_ring_drops", 0) + sn.get(str(other_cpu), 0)
-    if sink:
-        parts.append(f"sink side {sink:,}")
-    return ", ".join(parts)
-
-
-def summarize(results: dict[str, Any]) -> dict[str, Any]:
-    runs = [r for r in results["runs"] if r["phase"] in MAIN]
-    order: list[str] = []
-    for r in runs:
-        if r["system"] not in order:
-            order.append(r["system"])
-    out: dict[str, Any] = {}
-    for name in order:
-        mine = [r for r in runs if r["system"] == name]
-        best_values, best_runs, bound = [], [], False
-        below: list[float] = []  # repeats with no lossless run: the lowest lossy rate
-        for rep in sorted({r.get("repeat", 0) for r in mine}):
-            rr = [r for r in mine if r.get("repeat", 0) == rep]
-            # the highest lossless run counts (loss can come from other users' load,
-            # losslessness cannot); a repeat without lossy runs above it is generator-bound
-            ok = [r for r in rr if r["lossless"]]
-            top = max((r["offered_pps"] for r in ok), default=0.0)
-            lossy = [r["offered_pps"] for r in rr if not r["lossless"] and r["offered_pps"] > top]
-            bound |= not lossy
-            if ok:
-                b = max(ok, key=lambda r: r["offered_pps"])
-                best_values.append(b["offered_pps"])
-                best_runs.append(b)
-            else:
-                best_values.append(0.0)
-                below.append(min(r["offered_pps"] for r in rr))
-        fixed: dict[str, Any] = {}
-        for rate in sorted({r["target_pps"] for r in mine if r["phase"] == "fixed"}, key=_rate_key):
-            rr = [r for r in mine if r["phase"] == "fixed" and r["target_pps"] == rate]
-            fixed[str(rate)] = {
-                k: _spread([r[k] for r in rr])
-                for k in (
-                    "offered_pps",
-                    "achieved_pps",
-                    "loss_pct",
-                    "relay_cpu_us_per_pkt",
-                    "relay_core_us_per_pkt",
-                    "lat_p50_us",
-                    "lat_p99_us",
-                    "foreign_cpu_pct",
-                )
-            }
-        n_bad = sum(1 for r in mine if r.get("disturbed"))
-        out[name] = {
-            "disturbed": f"{n_bad}/{len(mine)}",
-            "highest_lossless_pps": _spread(best_values),
-            "generator_bound": bound,
-            "below_pps": min(below) if below else None,
-            "at_highest": {
-                k: _med([r[k] for r in best_runs])
-                for k in (
-                    "relay_cpu_us_per_pkt",
-                    "relay_core_us_per_pkt",
-                    "lat_p50_us",
-                    "lat_p99_us",
-                )
-            },
-            "fixed": fixed,
-        }
-    ratios = {}
-    for mc in ("mcrelay-1w", "mcrelay-2w"):
-        if mc not in out or not out[mc]["highest_lossless_pps"]:
-            continue
-        mine = out[mc]["highest_lossless_pps"]["median"]
-        for other in ("socat", "socat-8m", "kernel", "gen-ceiling"):
-            theirs = (out.get(other) or {}).get("highest_lossless_pps")
-            if theirs and not theirs["median"] and out[other].get("below_pps"):
-                ratios[f"{mc}/{other}"] = {
-                    "ratio": round(mine / out[other]["below_pps"], 2),
-                    "note": f"lower bound: {other} was lossy at every rate tried",
-                }
-            elif theirs and theirs["median"]:
-                ratios[f"{mc}/{other}"] = {
-                    "ratio": round(mine / theirs["median"], 2),
-                    "note": (
-                        "upper bound: the other system was never lossy (generator-bound)"
-                        if out[other]["generator_bound"]
-                        else "lower bound: mcrelay was never lossy"
-                        if out[mc]["generator_bound"]
-                        else ""
-                    ),
-                }
-    return {**out, "ratios": ratios}
-
-
-def _rate_key(rate: int) -> float:
-    return rate or float("inf")
+from tests.lab.bench.summary import spread, where_lost
 
 
 def _rate(rate: int) -> str:
@@ -142,7 +22,7 @@ def _f(x: float | None, nd: int = 2) -> str:
     return "–" if x is None else f"{x:.{nd}f}"
 
 
-def _sp(s: dict[str, Any] | None, fmt: Any = _f) -> str:
+def _sp(s: dict[str, Any] | None, fmt: Callable[[Any], str] = _f) -> str:
     if not s:
         return "–"
     if s["n"] == 1 or s["min"] == s["max"]:
@@ -406,9 +286,9 @@ def _input_section(results: dict[str, Any], L: list[str]) -> None:
         clean = [r for r in rr if not r.get("disturbed")]
         if rr:
             add(
-                f"| {label} | {_sp(_spread([r['relay_core_us_per_sent'] for r in clean]))} "
+                f"| {label} | {_sp(spread([r['relay_core_us_per_sent'] for r in clean]))} "
                 f"({len(clean)} of {len(rr)} runs) | "
-                f"{_sp(_spread([r['relay_core_us_per_sent'] for r in rr]))} |"
+                f"{_sp(spread([r['relay_core_us_per_sent'] for r in rr]))} |"
             )
     add(
         "\nNothing of the benchmark runs on the relay core here but the idle holder, so any "
@@ -434,58 +314,3 @@ def _priority_section(results: dict[str, Any], L: list[str], rc: int, oc: int) -
     for r in (r for r in results["runs"] if r["phase"].startswith("nice-")):
         add(_run_row(r, rc, oc, r["phase"][5:]))
     add("")
-
-
-def write_plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for r in results["runs"] if r["phase"] in MAIN]
-    labels = {k: v["label"] for k, v in results.get("systems", {}).items()}
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
-    markers = "os^vDP*X"
-    systems: list[str] = []
-    for r in runs:
-        if r["system"] not in systems:
-            systems.append(r["system"])
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    summary = results.get("summary") or summarize(results)
-    for i, name in enumerate(systems):
-        color, mk = colors[i % len(colors)], markers[i % len(markers)]
-        rr = [r for r in runs if r["system"] == name]
-        # every run (fixed and bisection, every repeat) as a point; hollow when disturbed
-        for r in rr:
-            ax.plot(
-                r["offered_pps"] / 1000, max(r["loss_pct"], 0.0), ls="", marker=mk, ms=5,
-                color=color, alpha=0.5, mfc="none" if r.get("disturbed") else color,
-            )  # fmt: skip
-        # the line: medians over repeats at each fixed rate
-        pts = sorted(
-            (f["offered_pps"]["median"] / 1000, f["loss_pct"]["median"])
-            for f in summary[name]["fixed"].values()
-            if f["offered_pps"] and f["loss_pct"]
-        )
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker=mk, color=color, lw=1.5,
-                    label=labels.get(name, name))  # fmt: skip
-    ax.axhline(0.1, color="grey", ls=":", lw=1)
-    ax.text(ax.get_xlim()[0], 0.1, " 0.1 %", va="bottom", color="grey", fontsize=8)
-    ax.set_yscale("symlog", linthresh=0.1)
-    ax.set_ylim(-0.02, 100)
-    ax.set_xlabel("offered rate, thousand datagrams/s (measured at the generator)")
-    ax.set_ylabel("loss % (symlog)")
-    mach = results["machine"]
-    ax.set_title(
-        f"Loss vs offered rate, {results['config']['size']} B payload, {results['mode']} mode\n"
-        f"{mach['nproc']} × {mach['cpu_model']}, Linux {mach['kernel']}, {mach['date'][:10]}",
-        fontsize=10,
-    )
-    ax.grid(True, alpha=0.3)
-    ax.plot([], [], ls="", marker="o", color="grey", alpha=0.5, label="single runs (median line)")
-    ax.plot([], [], ls="", marker="o", mfc="none", mec="grey", label="disturbed by others' load")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

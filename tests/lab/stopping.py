@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mcrelay import config
 from mcrelay import rules as rules_mod
-from tests.integration.daemon import Daemon, pid_alive, wait_for
+from tests.lab.daemon import Daemon, pid_alive, wait_for
 
 
 def stop_with(d: Daemon, signals: tuple[signal.Signals, ...], gap: float = 0.05) -> int:

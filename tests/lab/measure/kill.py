@@ -10,10 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.netns import topology
-from tests.netns.relay import gen, relay_daemon, sink
+from tests.lab import topology
+from tests.lab.relay import gen, relay_daemon, sink
 
 
 def once(rate: int, seconds: float) -> dict[str, float]:

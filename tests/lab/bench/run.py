@@ -2,8 +2,7 @@
 
 `run_once` starts the counting sink (sink-ns), waits until it is ready, snapshots every
 counter, runs the generator (gen-ns) to completion, tells the sink the generator is done,
-collects its report, snapshots again and returns one flat result dict.
-"""
+collects its report, snapshots again and returns one flat result dict."""
 
 from __future__ import annotations
 
@@ -18,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench_systems import IN_GROUP, IN_PORT, PY, Mcrelay, System, cpu_list
+from tests.lab.bench.systems import Mcrelay, System
+from tests.lab.bench.topology import IN_GROUP, IN_PORT, PY, ROOT, TRAFFIC, cpu_list
 
-TRAFFIC = str(Path(__file__).resolve().parent / "bench_traffic.py")
 LOSS_LIMIT = 0.1  # percent: "lossless" means below this
 PACE = 0.95  # ... and the sink saw at least this share of the offered rate
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -174,7 +173,9 @@ def snapshot(sys_: System) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def spawn(argv: list[str]) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
     try:
         yield proc
     finally:
@@ -194,7 +195,8 @@ def read_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
             break
         with contextlib.suppress(ValueError):
             return dict(json.loads(line))
-    raise TimeoutError(f"no answer from {' '.join(proc.args[-12:])}")  # type: ignore[index]
+    argv = list(proc.args) if isinstance(proc.args, list | tuple) else [proc.args]
+    raise TimeoutError(f"no answer from {' '.join(map(str, argv[-12:]))}")
 
 
 class Runner:
@@ -253,13 +255,13 @@ class Runner:
         max_s = duration * 1.5 + 10
         outputs = len(sys_.out_groups())
         sink_argv = topo.sink.cmd(
-            PY, TRAFFIC, "sink", "--ifname", sys_.sink_if, "--flows", str(self.flows),
+            PY, *TRAFFIC, "sink", "--ifname", sys_.sink_if, "--flows", str(self.flows),
             "--stream-base", str(stream_base), "--max-seq", str(count),
             "--expect", str(count * outputs), "--idle", str(self.idle),
             "--cpu", other, "--max-seconds", str(max_s + 5),
         )  # fmt: skip
         gen_argv = topo.gen.cmd(
-            PY, TRAFFIC, "gen", "--ifname", sys_.gen_if, "--group", IN_GROUP,
+            PY, *TRAFFIC, "gen", "--ifname", sys_.gen_if, "--group", IN_GROUP,
             "--port", str(IN_PORT), "--rate", str(rate), "--count", str(count),
             "--size", str(self.size), "--flows", str(self.flows),
             "--stream-base", str(stream_base), "--cpu", other, "--max-seconds", str(max_s),

@@ -16,10 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.netns import topology
-from tests.netns.relay import gen, sink
+from tests.lab import topology
+from tests.lab.relay import gen, sink
 
 GROUP, PORT, OUT_GROUP, OUT_PORT = "239.1.1.1", 5000, "239.2.2.2", 5001
 RATE, COUNT = 10_000, 50_000
