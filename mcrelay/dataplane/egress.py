@@ -154,7 +154,7 @@ _CONTROLLEN = MsgHdr.msg_controllen.offset // _WORD
 assert array(IOVEC_TYPECODE).itemsize == _WORD == ctypes.sizeof(ctypes.c_size_t)
 assert _MSG_SIZE % _WORD == 0
 assert _IOV_SIZE == 2 * _WORD
-assert _CMSG_SIZE % _WORD == 0
+assert mmsg.cmsg_space(2) == _CMSG_SIZE
 
 assert mmsg.sendmmsg is not None, "libc without sendmmsg"
 _sendmmsg = mmsg.sendmmsg
@@ -220,7 +220,7 @@ class SendBatch:
         for msg in self._msg_view:
             msg.msg_hdr.msg_namelen = ctypes.sizeof(_SockaddrIn)  # ignored for a NULL name
         for cmsg in self._cmsgs:
-            cmsg.cmsg_len = _CMSG_SIZE - _WORD + 2  # CMSG_LEN(2)
+            cmsg.cmsg_len = mmsg.cmsg_len(2)
             cmsg.cmsg_level = SOL_UDP
             cmsg.cmsg_type = UDP_SEGMENT
         self._msgs_address = ctypes.addressof(self._msg_view)

@@ -46,8 +46,8 @@ def sockaddr_in(addr: str, port: int) -> bytes:
 _MMSG_SIZE = ctypes.sizeof(MMsgHdr)
 _MSG_LEN_AT = MMsgHdr.msg_len.offset
 _CONTROLLEN_AT = MsgHdr.msg_controllen.offset
-_CMSG_HDR = ctypes.sizeof(ctypes.c_size_t) + 8  # cmsg_len, cmsg_level, cmsg_type
-CMSG_SPACE_TIMESPEC = _CMSG_HDR + 16
+_CMSG_HDR = mmsg.cmsg_len(0)
+CMSG_SPACE_TIMESPEC = mmsg.cmsg_space(16)
 
 _sendmmsg = mmsg.sendmmsg
 _recvmmsg = mmsg.recvmmsg
