@@ -37,8 +37,6 @@ from mcrelay.system.linux import (
 
 __all__ = [
     "DENIED_SOCKET_OPTIONS",
-    "SOL_PACKET",
-    "SO_DETACH_FILTER",
     "SeccompUnavailable",
     "forbid_capture_changes",
     "program",
