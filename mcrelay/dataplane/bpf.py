@@ -23,6 +23,8 @@ import socket
 import struct
 from collections.abc import Callable, Iterable
 
+from mcrelay.system.linux import PACKET_OUTGOING, SO_ATTACH_FILTER
+
 Instruction = tuple[int, int, int, int]  # code, jt, jf, k, as in struct sock_filter
 
 # linux/filter.h (classic BPF)
@@ -41,8 +43,6 @@ SKF_AD_PKTTYPE = 4
 SKF_AD_VLAN_TAG = 44  # the TCI of the outer tag the kernel moved out of the frame
 SKF_AD_VLAN_TAG_PRESENT = 48  # linux/filter.h: offsets are multiples of 4
 VLAN_VID_MASK = 0x0FFF
-PACKET_OUTGOING = 4
-SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
 
 ACCEPT = 0x40000  # bytes to keep: the whole frame
 DROP = 0

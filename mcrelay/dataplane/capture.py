@@ -5,16 +5,18 @@ Order of operations, each step forced by the kernel (net/packet/af_packet.c):
 1. ``socket(AF_PACKET, SOCK_RAW, 0)``: protocol 0 hooks nothing, so no frame is queued while
    options are set.
 2. Options that must hold from the first frame: receive buffer, ``PACKET_IGNORE_OUTGOING``,
-   the classic BPF filter (`mcrelay.dataplane.bpf`), so no unfiltered frame is ever queued.
+   the classic BPF filter (`mcrelay.dataplane.bpf`), so no unfiltered frame is ever queued,
+   and the receive ring (`mcrelay.dataplane.ring.configure`), so no frame lands in the plain
+   receive queue that installing a ring later would purge.
 3. ``bind((ifname, ETH_P_ALL))`` starts reception.
 4. ``PACKET_FANOUT``: the kernel refuses to join a group with a socket that is not bound with a
    protocol (EINVAL), and refuses to re-bind a member, so fanout comes after bind.
 
-With ``ring=True`` the ring is installed here too, before bind (`mcrelay.dataplane.ring.configure`),
-so no frame lands in the plain receive queue that installing a ring later would purge; the data
-worker only maps it (``RxRing(sock, configured=True)``) and never sets an option on the socket.
-The filter stays the supervisor's as well: it keeps a copy of the descriptor while the worker
-lives and replaces the filter in place with `bpf.attach` when rules change.
+The ring's geometry travels with the socket (`AttachCapture.ring`, a `CaptureSpec`): the data
+worker only maps what the supervisor installed (``RxRing(sock, spec)``) and never sets an
+option on the socket. The filter stays the supervisor's as well: it keeps a copy of the
+descriptor while the worker lives and replaces the filter in place with `bpf.attach` when rules
+change.
 
 The supervisor closes its copy as soon as the worker is gone: a fanout member that outlives its
 worker keeps receiving its share of the flows, which then go nowhere.
@@ -29,21 +31,25 @@ from collections.abc import Sequence
 
 from mcrelay.dataplane import bpf
 from mcrelay.dataplane import ring as ring_mod
+from mcrelay.ipc.messages import CaptureSpec
 from mcrelay.system import netlink
+from mcrelay.system.linux import (
+    ETH_P_ALL,
+    PACKET_FANOUT,
+    PACKET_FANOUT_FLAG_IGNORE_OUTGOING,
+    PACKET_FANOUT_HASH,
+    PACKET_IGNORE_OUTGOING,
+    SO_DETACH_FILTER,
+    SO_RCVBUFFORCE,
+    SOL_PACKET,
+    set_buffer,
+)
 
-__all__ = ["ETH_P_ALL", "open_capture_socket"]
+__all__ = ["CAPTURE_RING", "open_capture_socket"]
 
-ETH_P_ALL = 0x0003
-SOL_PACKET = 263
-PACKET_FANOUT = 18
-PACKET_IGNORE_OUTGOING = 23
-PACKET_FANOUT_HASH = 0
-# Since Linux 6.2. A fanout member receives through the group's hook, so the per-socket
-# PACKET_IGNORE_OUTGOING has no effect on it; the group flag does. Older kernels accept and
-# ignore the bit, which is why the relay loop also drops PACKET_OUTGOING frames itself.
-PACKET_FANOUT_FLAG_IGNORE_OUTGOING = 0x4000
-SO_RCVBUFFORCE = 33
-SO_DETACH_FILTER = 27
+#: The ring of every capture socket: 64 blocks of 1 MiB, a block handed over when full or
+#: after 2 ms. The only place these values are written; the worker gets them with the socket.
+CAPTURE_RING = CaptureSpec(block_size=1 << 20, block_count=64, frame_size=2048, retire_ms=2)
 
 # Only frames queued between bind and ring setup use this: with a TPACKET_V3 ring the kernel
 # writes into the ring and never charges the receive buffer.
@@ -52,13 +58,13 @@ DEFAULT_RCVBUF = 8 << 20
 
 def open_capture_socket(
     ifname: str,
+    ring: CaptureSpec,
     *,
     fanout_group: int | None,
     program: Sequence[bpf.Instruction] | None = None,
-    rcvbuf: int = DEFAULT_RCVBUF,
-    ring: bool = False,
 ) -> socket.socket:
-    """Open a non-blocking AF_PACKET socket that sees the frames received on `ifname`.
+    """Open a non-blocking AF_PACKET socket with the receive ring `ring` that sees the frames
+    received on `ifname`; map it with ``RxRing(sock, ring)``.
 
     `program` is a classic BPF filter (`bpf.compile_filter`), attached before bind; without
     one the socket sees every frame. It can be replaced later with `bpf.attach`.
@@ -76,10 +82,10 @@ def open_capture_socket(
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
         sock.setblocking(False)
-        _set_rcvbuf(sock, rcvbuf)
+        set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, DEFAULT_RCVBUF)
         # Until it is in its fanout group the socket would see every frame, not its share, and
         # with a ring those frames would be relayed twice: it takes none until it has joined.
-        joining = fanout_group is not None and ring
+        joining = fanout_group is not None
         if joining:
             bpf.attach(sock, bpf.drop_all())
         elif program is not None:
@@ -89,8 +95,7 @@ def open_capture_socket(
         except OSError as exc:  # Linux < 4.20: the relay loop filters PACKET_OUTGOING instead
             if exc.errno != errno.ENOPROTOOPT:
                 raise
-        if ring:  # before bind: no frame may land in the queue a later ring would purge
-            ring_mod.configure(sock)
+        ring_mod.configure(sock, ring)  # before bind: nothing may land in a queue it purges
         try:
             sock.bind((ifname, ETH_P_ALL))
         except OSError as exc:
@@ -116,14 +121,6 @@ def open_capture_socket(
         sock.close()
         raise
     return sock
-
-
-def _set_rcvbuf(sock: socket.socket, size: int) -> None:
-    """SO_RCVBUFFORCE ignores net.core.rmem_max but needs CAP_NET_ADMIN; fall back quietly."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
-    except PermissionError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def _no_such_interface(ifname: str) -> OSError:

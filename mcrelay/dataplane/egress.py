@@ -27,6 +27,14 @@ from typing import NamedTuple
 
 from mcrelay.dataplane import mmsg
 from mcrelay.dataplane.mmsg import IoVec, MMsgHdr, MsgHdr
+from mcrelay.system.linux import (
+    SIOCGIFMTU,
+    SO_SNDBUFFORCE,
+    SOL_UDP,
+    UDP_SEGMENT,
+    ip_mreqn,
+    set_buffer,
+)
 
 __all__ = [
     "IOVEC_TYPECODE",
@@ -37,10 +45,6 @@ __all__ = [
     "udp_gso_max",
 ]
 
-SO_SNDBUFFORCE = 32
-SOL_UDP = 17
-UDP_SEGMENT = 103
-SIOCGIFMTU = 0x8921
 DEFAULT_SNDBUF = 4 << 20
 UDP_MAX_SEGMENTS = 64  # the kernel's limit until 6.9 (128 since)
 UDP_MAX_PAYLOAD = 0xFFFF - 20 - 8
@@ -49,9 +53,7 @@ UDP_MAX_PAYLOAD = 0xFFFF - 20 - 8
 IOVEC_TYPECODE = "L"
 
 
-def open_output_socket(
-    interface: str, *, ttl: int, multicast: bool, sndbuf: int = DEFAULT_SNDBUF
-) -> socket.socket:
+def open_output_socket(interface: str, *, ttl: int, multicast: bool) -> socket.socket:
     """A non-blocking UDP socket that sends out of `interface` only.
 
     SO_BINDTODEVICE needs no privilege on an unbound socket since Linux 5.7. For multicast, the
@@ -73,12 +75,9 @@ def open_output_socket(
             if exc.errno == errno.ENODEV:
                 raise _no_such_interface(interface) from None
             raise
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, sndbuf)
-        except PermissionError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, DEFAULT_SNDBUF)
         if multicast:
-            mreqn = struct.pack("=4s4si", bytes(4), bytes(4), ifindex)
+            mreqn = ip_mreqn("0.0.0.0", index=ifindex)
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
@@ -155,7 +154,7 @@ _CONTROLLEN = MsgHdr.msg_controllen.offset // _WORD
 assert array(IOVEC_TYPECODE).itemsize == _WORD == ctypes.sizeof(ctypes.c_size_t)
 assert _MSG_SIZE % _WORD == 0
 assert _IOV_SIZE == 2 * _WORD
-assert _CMSG_SIZE % _WORD == 0
+assert mmsg.cmsg_space(2) == _CMSG_SIZE
 
 assert mmsg.sendmmsg is not None, "libc without sendmmsg"
 _sendmmsg = mmsg.sendmmsg
@@ -203,7 +202,7 @@ class FlushResult(NamedTuple):
 class SendBatch:
     """Up to `capacity` pending datagrams for one sendmmsg; reusable scratch for every output.
 
-    Pointers handed to `add`/`extend` must stay valid until `flush` returns.
+    Pointers handed to `extend` must stay valid until `flush` returns.
     """
 
     def __init__(self, capacity: int = 1024) -> None:
@@ -221,7 +220,7 @@ class SendBatch:
         for msg in self._msg_view:
             msg.msg_hdr.msg_namelen = ctypes.sizeof(_SockaddrIn)  # ignored for a NULL name
         for cmsg in self._cmsgs:
-            cmsg.cmsg_len = _CMSG_SIZE - _WORD + 2  # CMSG_LEN(2)
+            cmsg.cmsg_len = mmsg.cmsg_len(2)
             cmsg.cmsg_level = SOL_UDP
             cmsg.cmsg_type = UDP_SEGMENT
         self._msgs_address = ctypes.addressof(self._msg_view)
@@ -236,18 +235,8 @@ class SendBatch:
         """Pending datagrams."""
         return self._n
 
-    def add(self, dest: Destination | None, address: int, length: int) -> bool:
-        """Queue one datagram of `length` bytes at `address`; False (nothing queued) when full.
-
-        `dest` None sends to the socket's connected peer.
-        """
-        if self._n >= self.capacity:
-            return False
-        self.extend(dest, array(IOVEC_TYPECODE, (address, length)))
-        return True
-
     def extend(
-        self, dest: Destination | None, iovecs: array[int], start: int = 0, *, gso_max: int = 0
+        self, dest: Destination, iovecs: array[int], start: int = 0, *, gso_max: int = 0
     ) -> int:
         """Queue datagrams from `iovecs` (address, length pairs, typecode `IOVEC_TYPECODE`)
         beginning at index `start`, as many as fit; return the index after the last one taken.
@@ -296,7 +285,7 @@ class SendBatch:
                     self._cmsgs[m + i].gso_size = sizes[i]
                     controls[i] = self._cmsg_address + (m + i) * _CMSG_SIZE
                     controllens[i] = _CMSG_SIZE
-        name = 0 if dest is None else dest.address
+        name = dest.address
         msgs, w = self._msgs, _MSG_WORDS
         base, stop = m * w, (m + runs) * w
         msgs[base + _NAME : stop : w] = array(IOVEC_TYPECODE, (name,)) * runs
@@ -305,8 +294,7 @@ class SendBatch:
         msgs[base + _CONTROL : stop : w] = controls
         msgs[base + _CONTROLLEN : stop : w] = controllens
         self._segs[m : m + runs] = segs
-        if dest is not None:
-            self._keep.append(dest)
+        self._keep.append(dest)
         self._n = n + k
         self._m = m + runs
         return end

@@ -31,15 +31,14 @@ from typing import NamedTuple, NoReturn, Protocol
 import trio
 
 from mcrelay.dataplane.egress import IOVEC_TYPECODE, Destination, SendBatch
-from mcrelay.dataplane.ring import (
+from mcrelay.dataplane.ring import Block, RxRing
+from mcrelay.ipc.counter_page import private_cell
+from mcrelay.system.linux import (
     PACKET_OUTGOING,
     TP_STATUS_COPY,
     TP_STATUS_VLAN_TPID_VALID,
     TP_STATUS_VLAN_VALID,
-    Block,
-    RxRing,
 )
-from mcrelay.ipc.counter_page import private_cell
 
 __all__ = [
     "BlockCounts",
@@ -86,7 +85,7 @@ class Output:
     """One destination of a rule; counters are updated once per block, in place in `counts`."""
 
     sock: socket.socket
-    dest: Destination | None  # None: the socket is connected to the destination
+    dest: Destination
     gso_max: int = 0  # `egress.udp_gso_max(interface)`; 0 sends one message per datagram
     last_error: int = 0  # errno
     #: [tag, packets, bytes, errors]: a cell of the worker's counter page (or a private one).
@@ -297,16 +296,16 @@ async def relay_forever(
     routes: Routes,
     batch: SendBatch,
     slow: SlowPath,
-    on_block: Callable[[BlockCounts], object] | None = None,
-    on_link_down: Callable[[], object] | None = None,
+    on_block: Callable[[BlockCounts], object],
 ) -> NoReturn:
-    """Relay blocks as the kernel retires them, yielding to other tasks after each block.
+    """Relay blocks as the kernel retires them, yielding to other tasks after each block;
+    `on_block` gets each block's counts.
 
     `routes.table` is read for every block, so other tasks may replace or change it. When the
-    capture link goes down the socket reports ENETDOWN once: `on_link_down` is called and
-    relaying goes on, since the kernel hooks the socket up again when the link comes back
-    (not if the interface is deleted: the socket stays silent then). Any other socket error is
-    raised as OSError.
+    capture link goes down the socket reports ENETDOWN once (`RxRing.error`) and relaying goes
+    on, since the kernel hooks the socket up again when the link comes back (not if the
+    interface is deleted: the socket stays silent then). Any other socket error is raised as
+    OSError.
     """
     while True:
         block = ring.next_block()
@@ -318,11 +317,10 @@ async def relay_forever(
                 # the kernel; either way the socket would keep polling readable.
                 err = ring.error()  # taking it clears it
                 if err == errno.ENETDOWN:
-                    if on_link_down is not None:
-                        on_link_down()
-                elif err:
+                    continue  # the link went down; the kernel resumes when it is back up
+                if err:
                     raise OSError(err, f"capture socket error: {os.strerror(err)}")
-                elif not ring.resync():
+                if not ring.resync():
                     await trio.sleep(0.001)
                 continue
         try:
@@ -331,6 +329,5 @@ async def relay_forever(
             block.release()
         if block.losing:
             ring.stats()  # reading resets the kernel's loss flag; the totals accumulate
-        if on_block is not None:
-            on_block(counts)
+        on_block(counts)
         await trio.lowlevel.checkpoint()

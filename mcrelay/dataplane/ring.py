@@ -25,26 +25,21 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import NamedTuple, Self
 
-__all__ = ["Block", "Frame", "RingStats", "RxRing"]
+from mcrelay.ipc.messages import CaptureSpec
+from mcrelay.system.linux import (
+    PACKET_RX_RING,
+    PACKET_STATISTICS,
+    PACKET_VERSION,
+    SOL_PACKET,
+    TP_STATUS_KERNEL,
+    TP_STATUS_LOSING,
+    TP_STATUS_USER,
+    TP_STATUS_VLAN_VALID,
+    TPACKET3_HDRLEN,
+    TPACKET_V3,
+)
 
-SOL_PACKET = 263
-PACKET_RX_RING = 5
-PACKET_STATISTICS = 6
-PACKET_VERSION = 10
-TPACKET_V3 = 2
-
-TP_STATUS_KERNEL = 0
-TP_STATUS_USER = 1 << 0
-TP_STATUS_COPY = 1 << 1  # V1/V2 only: frame truncated in the ring, whole copy queued
-TP_STATUS_LOSING = 1 << 2  # block: frames were dropped since statistics were last read
-TP_STATUS_CSUMNOTREADY = 1 << 3
-TP_STATUS_VLAN_VALID = 1 << 4  # the kernel stripped the outer tag into tp_vlan_tci
-TP_STATUS_BLK_TMO = 1 << 5  # block retired by the timer, not because it was full
-TP_STATUS_VLAN_TPID_VALID = 1 << 6
-
-PACKET_OUTGOING = 4
-
-TPACKET3_HDRLEN = 48 + 20  # TPACKET_ALIGN(sizeof(tpacket3_hdr)) + sizeof(sockaddr_ll)
+__all__ = ["Block", "Frame", "RingStats", "RxRing", "configure", "read_statistics"]
 
 # tpacket_block_desc: block_status, num_pkts, offset_to_first_pkt, blk_len, seq_num
 _BLOCK = struct.Struct("<8xIIII Q")
@@ -115,19 +110,15 @@ class Block:
         _STATUS.pack_into(self.ring.buffer, self.offset + _BLOCK_STATUS_AT, TP_STATUS_KERNEL)
 
 
-def configure(
-    sock: socket.socket,
-    *,
-    block_size: int = 1 << 20,
-    block_count: int = 64,
-    frame_size: int = 2048,
-    retire_ms: int = 2,
-) -> None:
-    """Install a TPACKET_V3 receive ring on ``sock`` (replacing one left by a previous owner).
+def configure(sock: socket.socket, spec: CaptureSpec) -> None:
+    """Install the TPACKET_V3 receive ring `spec` on ``sock`` (replacing one left by a previous
+    owner).
 
     The supervisor calls this before it binds a capture socket and joins its fanout group, so
     no frame ever lands in the ordinary receive queue, which installing a ring later would purge.
     """
+    block_size, block_count = spec.block_size, spec.block_count
+    frame_size, retire_ms = spec.frame_size, spec.retire_ms
     if block_size <= 0 or block_size % mmap.PAGESIZE or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power-of-two multiple of a page: {block_size}")
     if frame_size % 16 or not TPACKET3_HDRLEN < frame_size <= block_size:
@@ -150,42 +141,23 @@ def configure(
 
 
 class RxRing:
-    """A PACKET_RX_RING (TPACKET_V3) mapped over a bound AF_PACKET socket; owns the socket.
+    """The PACKET_RX_RING (TPACKET_V3) of a bound AF_PACKET socket, mapped; owns the socket.
 
-    Defaults: 64 blocks of 1 MiB (about 60k frames of 1 KiB payload, a quarter second at
-    250k pps) and a 2 ms retire timeout, so a lone frame waits at most that long (rounded up to
-    a jiffy on kernels whose retire timer is jiffy based). `frame_size` only has to satisfy the
-    kernel's checks: V3 frames are packed at their own length.
-
-    A ring left on the socket by a previous owner is replaced; the kernel refuses that while
-    the previous mapping is alive.
+    The ring is already on the socket, installed with `configure` from the same `spec` (by the
+    supervisor, before bind): this only maps it, so a data worker never sets an option on a
+    capture socket. With `CAPTURE_RING` (`mcrelay.dataplane.capture`) that is 64 blocks of
+    1 MiB (about 60k frames of 1 KiB payload, a quarter second at 250k pps) and a 2 ms retire
+    timeout, so a lone frame waits at most that long (rounded up to a jiffy on kernels whose
+    retire timer is jiffy based).
     """
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        *,
-        block_size: int = 1 << 20,
-        block_count: int = 64,
-        frame_size: int = 2048,
-        retire_ms: int = 2,
-        configured: bool = False,
-    ) -> None:
-        """``configured``: the ring is already on the socket (see `configure`); only map it."""
-        if not configured:
-            configure(
-                sock,
-                block_size=block_size,
-                block_count=block_count,
-                frame_size=frame_size,
-                retire_ms=retire_ms,
-            )
+    def __init__(self, sock: socket.socket, spec: CaptureSpec) -> None:
         self._sock = sock
-        self.block_size = block_size
-        self.block_count = block_count
+        self.block_size = spec.block_size
+        self.block_count = spec.block_count
         self._next = 0
         self._stats = RingStats()
-        self.buffer = mmap.mmap(sock.fileno(), block_size * block_count, mmap.MAP_SHARED)
+        self.buffer = mmap.mmap(sock.fileno(), spec.mapped_size, mmap.MAP_SHARED)
         self._anchor: ctypes.c_char | None = ctypes.c_char.from_buffer(self.buffer)
         self.address = ctypes.addressof(self._anchor)  # of ring.buffer[0], for zero-copy sends
 

@@ -95,10 +95,38 @@ class ListenSocket(_Msg, tag="listen-socket"):
     read_gid: int | None = None
 
 
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+
+
+class CaptureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The TPACKET_V3 receive ring of a capture socket: `block_count` blocks of `block_size`
+    bytes (a power-of-two multiple of a page), frames bounded by `frame_size` (the kernel's
+    check only: V3 packs frames at their own length), a partly filled block handed over after
+    `retire_ms`.
+
+    The supervisor installs the ring before bind (`mcrelay.dataplane.ring.configure`) and sends
+    the same spec with the socket, so the worker maps exactly what is there: one set of values
+    (`mcrelay.dataplane.capture.CAPTURE_RING`), not two that must agree. The kernel filter is
+    not part of it: it stays the supervisor's, replaced in place while the worker holds the
+    socket, and the worker may never touch it."""
+
+    block_size: Positive
+    block_count: Positive
+    frame_size: Positive
+    retire_ms: Positive
+
+    @property
+    def mapped_size(self) -> int:
+        """Bytes of the ring's mapping."""
+        return self.block_size * self.block_count
+
+
 class AttachCapture(_Msg, tag="attach-capture"):
-    """Carries one AF_PACKET socket (one fd) bound to ``interface``, already in its fanout group."""
+    """Carries one AF_PACKET socket (one fd) bound to ``interface``, already in its fanout
+    group, with the ring `ring` installed on it."""
 
     interface: str
+    ring: CaptureSpec
 
 
 class DetachCapture(_Msg, tag="detach-capture"):

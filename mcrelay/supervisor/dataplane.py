@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from mcrelay.dataplane import bpf, ring
-from mcrelay.dataplane.capture import open_capture_socket
+from mcrelay.dataplane.capture import CAPTURE_RING, open_capture_socket
 from mcrelay.ipc import messages as m
 from mcrelay.rules import Rule
 from mcrelay.supervisor.memberships import SHORTAGES, Memberships
@@ -256,7 +256,7 @@ class KernelDataPlane:
         self._warned.discard(interface)
         held = self._held.setdefault((slot.id, slot.pid), {})
         held[interface] = sock
-        message = m.AttachCapture(interface=interface)
+        message = m.AttachCapture(interface=interface, ring=CAPTURE_RING)
         sent = False
         try:
             if provisioning:
@@ -278,7 +278,7 @@ class KernelDataPlane:
                 group = next(self._next_fanout) & 0xFFFF
             try:
                 sock = open_capture_socket(
-                    interface, fanout_group=group, program=program, ring=True
+                    interface, CAPTURE_RING, fanout_group=group, program=program
                 )
             except OSError as exc:
                 if exc.errno in (errno.EINVAL, errno.EALREADY, errno.EADDRINUSE) and (

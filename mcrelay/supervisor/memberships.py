@@ -12,11 +12,11 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-import struct
 from pathlib import Path
 
 from mcrelay.dataplane import bpf
 from mcrelay.system import netlink
+from mcrelay.system.linux import ip_mreqn
 
 log = logging.getLogger("mcrelay.supervisor")
 
@@ -32,10 +32,6 @@ def max_memberships_per_socket() -> int:
         return max(1, int(_MAX_MEMBERSHIPS_FILE.read_text()))
     except (OSError, ValueError):
         return 20
-
-
-def _mreqn(group: str, ifindex: int) -> bytes:
-    return socket.inet_aton(group) + socket.inet_aton("0.0.0.0") + struct.pack("=i", ifindex)
 
 
 class Memberships:
@@ -97,14 +93,16 @@ class Memberships:
         if ifindex is None:
             raise OSError(f"no interface {interface!r}")
         sock = self._socket_with_room()
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, _mreqn(group, ifindex))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, ip_mreqn(group, index=ifindex))
         self._held[key] = (sock, ifindex)
         self._load[sock] += 1
 
     def _leave(self, key: tuple[str, str]) -> None:
         sock, ifindex = self._held.pop(key)
         try:
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_DROP_MEMBERSHIP, _mreqn(key[1], ifindex))
+            sock.setsockopt(
+                socket.IPPROTO_IP, socket.IP_DROP_MEMBERSHIP, ip_mreqn(key[1], index=ifindex)
+            )
         except OSError as exc:  # the interface may be gone, and the membership with it
             log.debug("leaving %s on %s: %s", key[1], key[0], exc)
         self._load[sock] -= 1

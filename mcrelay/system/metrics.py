@@ -13,7 +13,6 @@ arrive within `Limits.read_timeout`, every connection is closed after one reply,
 from __future__ import annotations
 
 import dataclasses
-import errno
 import ipaddress
 import logging
 import math
@@ -26,6 +25,7 @@ import trio.lowlevel
 
 from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
+from mcrelay.system.accept import accept_retrying
 
 log = logging.getLogger("mcrelay.metrics")
 
@@ -277,15 +277,6 @@ async def open_metrics_listeners(listen: str) -> list[trio.SocketListener]:
 # --- the HTTP endpoint ----------------------------------------------------------------------
 
 BACKLOG = 128
-_ACCEPT_TRANSIENT = {
-    errno.EMFILE,
-    errno.ENFILE,
-    errno.ENOBUFS,
-    errno.ENOMEM,
-    errno.ECONNABORTED,
-    errno.EPROTO,
-}
-_ACCEPT_RETRY_DELAY = 0.1
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -368,28 +359,20 @@ async def _accept_loop(
     slots: trio.Semaphore,
     serve: Callable[[trio.abc.HalfCloseableStream], Awaitable[None]],
 ) -> None:
-    failing = False
     async with trio.open_nursery() as nursery:
         while True:
             # A slot first, then accept: excess clients cost a backlog entry, not a descriptor.
             await slots.acquire()
             try:
-                stream = await listener.accept()
+                stream = await accept_retrying(listener.accept, log, "metrics: cannot accept")
             except OSError as exc:
                 slots.release()
-                if exc.errno not in _ACCEPT_TRANSIENT:
-                    # Not worth the supervisor's life: the endpoint stops, the daemon goes on.
-                    log.error("metrics: endpoint stopped: accept failed: %s", exc)
-                    return
-                if not failing:
-                    log.warning("metrics: cannot accept: %s (retrying)", exc.strerror or exc)
-                failing = True
-                await trio.sleep(_ACCEPT_RETRY_DELAY)
-                continue
+                # Not worth the supervisor's life: the endpoint stops, the daemon goes on.
+                log.error("metrics: endpoint stopped: accept failed: %s", exc)
+                return
             except BaseException:
                 slots.release()
                 raise
-            failing = False
             nursery.start_soon(_client, stream, slots, serve)
 
 

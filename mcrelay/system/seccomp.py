@@ -27,20 +27,21 @@ import socket
 import struct
 import sys
 
-from mcrelay.dataplane.bpf import SO_ATTACH_FILTER
-from mcrelay.dataplane.capture import SO_DETACH_FILTER, SOL_PACKET
+from mcrelay.system.linux import (
+    SO_ATTACH_BPF,
+    SO_ATTACH_FILTER,
+    SO_DETACH_FILTER,
+    SO_LOCK_FILTER,
+    SOL_PACKET,
+)
 
 __all__ = [
     "DENIED_SOCKET_OPTIONS",
-    "SOL_PACKET",
-    "SO_DETACH_FILTER",
     "SeccompUnavailable",
     "forbid_capture_changes",
     "program",
 ]
 
-SO_LOCK_FILTER = 44
-SO_ATTACH_BPF = 50
 DENIED_SOCKET_OPTIONS = (SO_ATTACH_FILTER, SO_DETACH_FILTER, SO_LOCK_FILTER, SO_ATTACH_BPF)
 
 SECCOMP_SET_MODE_FILTER = 1

@@ -1,4 +1,4 @@
-"""Socket plumbing shared by gen and sink: interfaces, ip_mreqn, and batched send/receive.
+"""Socket plumbing shared by gen and sink: interfaces, addresses and batched send/receive.
 
 `sendmmsg`/`recvmmsg` come from libc through ctypes: one system call per batch instead of one
 per datagram is what lets a Python sink keep up with ~100k pps. The mmsghdr array lives in a
@@ -18,14 +18,9 @@ import sys
 from mcrelay.dataplane import mmsg
 from mcrelay.dataplane.mmsg import IoVec, MMsgHdr, MsgHdr
 from mcrelay.errors import McrelayError
+from mcrelay.system.linux import SO_TIMESTAMPNS
 
-# Linux values not exported by the socket module (asm-generic; x86, arm, riscv).
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
-SO_TIMESTAMPNS = 35
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
-IP_MULTICAST_ALL = 49
-IP_RECVERR = 11
 
 
 class ToolError(McrelayError):
@@ -44,29 +39,15 @@ def ifindex(name: str) -> int:
         raise ToolError(f"no such network interface: {name!r}") from None
 
 
-def ip_mreqn(group: str, address: str = "0.0.0.0", index: int = 0) -> bytes:
-    """struct ip_mreqn: picks the interface by index, which stays right with unnumbered links."""
-    return struct.pack("=4s4si", socket.inet_aton(group), socket.inet_aton(address), index)
-
-
 def sockaddr_in(addr: str, port: int) -> bytes:
     return struct.pack("=H", socket.AF_INET) + struct.pack("!H4s8x", port, socket.inet_aton(addr))
-
-
-def set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> int:
-    """Ask for a `size`-byte socket buffer: the FORCE option (root) ignores the sysctl cap."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, force, size)
-    except OSError:
-        sock.setsockopt(socket.SOL_SOCKET, plain, size)
-    return sock.getsockopt(socket.SOL_SOCKET, plain)
 
 
 _MMSG_SIZE = ctypes.sizeof(MMsgHdr)
 _MSG_LEN_AT = MMsgHdr.msg_len.offset
 _CONTROLLEN_AT = MsgHdr.msg_controllen.offset
-_CMSG_HDR = ctypes.sizeof(ctypes.c_size_t) + 8  # cmsg_len, cmsg_level, cmsg_type
-CMSG_SPACE_TIMESPEC = _CMSG_HDR + 16
+_CMSG_HDR = mmsg.cmsg_len(0)
+CMSG_SPACE_TIMESPEC = mmsg.cmsg_space(16)
 
 _sendmmsg = mmsg.sendmmsg
 _recvmmsg = mmsg.recvmmsg

@@ -20,17 +20,14 @@ import time
 
 import msgspec
 
+from mcrelay.system.linux import IP_RECVERR, SO_SNDBUFFORCE, ip_mreqn, set_buffer
 from mcrelay.tools import payload
 from mcrelay.tools._net import (
-    IP_RECVERR,
-    SO_SNDBUFFORCE,
     MmsgBatch,
     ToolError,
     have_mmsg,
     ifindex,
-    ip_mreqn,
     is_multicast,
-    set_buffer,
     sockaddr_in,
 )
 

@@ -24,20 +24,22 @@ from collections.abc import Callable
 
 import msgspec
 
+from mcrelay.system.linux import (
+    IP_MULTICAST_ALL,
+    SO_RCVBUFFORCE,
+    SO_TIMESTAMPNS,
+    ip_mreqn,
+    set_buffer,
+)
 from mcrelay.tools import payload
 from mcrelay.tools._net import (
     CMSG_SPACE_TIMESPEC,
     HAVE_KERNEL_TIMESTAMPS,
-    IP_MULTICAST_ALL,
-    SO_RCVBUFFORCE,
-    SO_TIMESTAMPNS,
     MmsgBatch,
     ToolError,
     have_mmsg,
     ifindex,
-    ip_mreqn,
     is_multicast,
-    set_buffer,
 )
 
 BATCH = 64

@@ -8,7 +8,6 @@ A client that stalls, floods or sends garbage costs only its own connection.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import logging
 import socket
@@ -28,6 +27,7 @@ from mcrelay.ipc.framing import (
     FrameChannel,
     ReassemblyBudget,
 )
+from mcrelay.system.accept import accept_retrying
 from mcrelay.system.logs import LOG_LEVELS
 from mcrelay.system.peers import Role, denied, peer_credentials, request_refusal, role_of
 
@@ -49,17 +49,6 @@ MAX_CLIENTS_PER_UID = 64
 ADMIN_RESERVED = 16
 #: Roles that may change the table, and so send a whole table in one request.
 _WRITERS = (Role.ADMIN, Role.OPERATOR)
-#: accept() failures that pass (descriptor or memory exhaustion, an aborted connection): the
-#: listener is retried after this delay instead of crashing the worker.
-ACCEPT_RETRY_DELAY = 0.1
-_ACCEPT_TRANSIENT = {
-    errno.EMFILE,
-    errno.ENFILE,
-    errno.ENOBUFS,
-    errno.ENOMEM,
-    errno.ECONNABORTED,
-    errno.EPROTO,
-}
 
 
 class ControlWorker:
@@ -104,20 +93,10 @@ class ControlWorker:
 
     async def _serve(self, listener: trio.socket.SocketType) -> None:
         log.info("serving the control socket")
-        failing = False
         async with trio.open_nursery() as nursery:
             while True:
-                try:
-                    conn, _ = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_TRANSIENT:
-                        raise
-                    if not failing:
-                        log.warning("cannot accept clients: %s (retrying)", exc.strerror or exc)
-                    failing = True
-                    await trio.sleep(ACCEPT_RETRY_DELAY)
-                    continue
-                failing = False
+                # Shortages (EMFILE, ENOMEM ...) pause accepting instead of ending the worker.
+                conn, _ = await accept_retrying(listener.accept, log, "cannot accept clients")
                 try:
                     pid, uid, gid = peer_credentials(conn)
                 except OSError:

@@ -206,9 +206,9 @@ class DataWorker:
                 for rule in added:
                     self.rules[rule.id] = rule
                 await self._rules_changed(seq)
-            case m.AttachCapture(interface=interface):
+            case m.AttachCapture(interface=interface, ring=spec):
                 (fd,) = self._channel.take_fds(1)
-                self._attach(interface, socket.socket(fileno=fd))
+                self._attach(interface, socket.socket(fileno=fd), spec)
             case m.DetachCapture(interface=interface):
                 self._detach(interface)
             case m.CounterPage():
@@ -337,11 +337,11 @@ class DataWorker:
 
     # --- captures -------------------------------------------------------------------------
 
-    def _attach(self, interface: str, sock: socket.socket) -> None:
+    def _attach(self, interface: str, sock: socket.socket, spec: m.CaptureSpec) -> None:
         self._detach(interface)
         sock.setblocking(False)  # fcntl O_NONBLOCK (already set by the supervisor), no option
         try:
-            ring = RxRing(sock, configured=True)  # the supervisor installed it before bind
+            ring = RxRing(sock, spec)  # the supervisor installed it before bind
         except OSError as exc:
             log.error("cannot map a receive ring on %s: %s", interface, exc)
             sock.close()

@@ -31,13 +31,14 @@ pytestmark = [
 RECEIVER = r"""
 import json, socket, sys
 from mcrelay.dataplane import bpf
+from mcrelay.system.linux import ETH_P_ALL
 
 ifname, pairs, outgoing = sys.argv[1], json.loads(sys.argv[2]), bytes.fromhex(sys.argv[3])
 program = bpf.compile_filter([(addr, port) for addr, port in pairs], vlans=json.loads(sys.argv[4]))
 rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: receives nothing yet
 bpf.attach(rx, bpf.drop_all())
 bpf.attach(rx, program)  # replaces the first one
-rx.bind((ifname, 0x0003))  # ETH_P_ALL
+rx.bind((ifname, ETH_P_ALL))
 tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
 tx.bind((ifname, 0))
 tx.send(outgoing)  # rx sees this as PACKET_OUTGOING

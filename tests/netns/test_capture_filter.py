@@ -161,7 +161,7 @@ def test_data_workers_forbid_themselves_capture_socket_changes(relay: Daemon) ->
 FORBIDDEN = r"""
 import os, socket, prctl
 from mcrelay.dataplane import bpf
-from mcrelay.system import seccomp
+from mcrelay.system import linux, seccomp
 capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
 bpf.attach(capture, bpf.drop_all())
 prctl.set_no_new_privs(True)
@@ -170,10 +170,10 @@ udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 udp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 5)  # what a worker needs still works
 udp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
 attempts = {
-    "detach": lambda: capture.setsockopt(socket.SOL_SOCKET, seccomp.SO_DETACH_FILTER, 0),
+    "detach": lambda: capture.setsockopt(socket.SOL_SOCKET, linux.SO_DETACH_FILTER, 0),
     "attach": lambda: bpf.attach(capture, bpf.drop_all()),
-    "lock": lambda: capture.setsockopt(socket.SOL_SOCKET, seccomp.SO_LOCK_FILTER, 1),
-    "packet option": lambda: capture.setsockopt(seccomp.SOL_PACKET, 23, 1),
+    "lock": lambda: capture.setsockopt(socket.SOL_SOCKET, linux.SO_LOCK_FILTER, 1),
+    "packet option": lambda: capture.setsockopt(linux.SOL_PACKET, linux.PACKET_IGNORE_OUTGOING, 1),
 }
 for name, attempt in attempts.items():
     try:

@@ -25,10 +25,11 @@ from array import array
 from collections.abc import Callable, Iterator
 from time import monotonic
 
+import msgspec
 import pytest
 import trio
 
-from mcrelay.dataplane.capture import open_capture_socket
+from mcrelay.dataplane.capture import CAPTURE_RING, open_capture_socket
 from mcrelay.dataplane.egress import IOVEC_TYPECODE, Destination, SendBatch
 from mcrelay.dataplane.relay_loop import (
     BlockCounts,
@@ -39,6 +40,7 @@ from mcrelay.dataplane.relay_loop import (
     route_key,
 )
 from mcrelay.dataplane.ring import RxRing
+from mcrelay.ipc.messages import CaptureSpec
 from tests.lab import topology
 
 pytestmark = [
@@ -86,31 +88,43 @@ for seq in range(count):
 """
 )
 
+SMALL_RING = msgspec.structs.replace(CAPTURE_RING, block_size=1 << 16, block_count=32)
+TINY_RING = msgspec.structs.replace(SMALL_RING, block_count=4)
+
 # argv: channel fd, JSON list of specs. Sends back one descriptor per spec.
 _HELPER = """
-import json, socket, struct, sys
+import json, socket, sys
 from mcrelay.dataplane.capture import open_capture_socket
 from mcrelay.dataplane.egress import open_output_socket
+from mcrelay.ipc.messages import CaptureSpec
+from mcrelay.system.linux import SO_RCVBUFFORCE, ip_mreqn
 chan = socket.socket(fileno=int(sys.argv[1]))
 socks = []
 for kind, *args in json.loads(sys.argv[2]):
     if kind == "capture":
-        socks.append(open_capture_socket(args[0], fanout_group=args[1]))
+        ring = CaptureSpec(**args[2])
+        socks.append(open_capture_socket(args[0], ring, fanout_group=args[1]))
     elif kind == "output":
         socks.append(open_output_socket(args[0], ttl=4, multicast=args[1]))
     elif kind == "receiver":
         group, port, ifname = args
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
         s.bind((group, port))
         if ifname:
-            mreqn = struct.pack("=4s4si", socket.inet_aton(group), bytes(4),
-                                socket.if_nametoindex(ifname))
+            mreqn = ip_mreqn(group, index=socket.if_nametoindex(ifname))
             s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
         s.setblocking(False)
         socks.append(s)
 socket.send_fds(chan, [b"ok"], [s.fileno() for s in socks])
 """
+
+
+def capture(
+    ifname: str, fanout_group: int | None, ring: CaptureSpec = CAPTURE_RING
+) -> list[object]:
+    """A helper spec for a capture socket with the ring `ring` (map it with the same spec)."""
+    return ["capture", ifname, fanout_group, msgspec.to_builtins(ring)]
 
 
 def ns_sockets(
@@ -216,8 +230,8 @@ Pair = tuple[topology.Netns, topology.Netns]
 
 def test_ring_delivers_every_datagram(pair: Pair, closing: contextlib.ExitStack) -> None:
     tx, rx = pair
-    (cap,) = ns_sockets(closing, rx, ["capture", "rx0", None])
-    ring = closing.enter_context(RxRing(cap, block_size=1 << 16, block_count=32))
+    (cap,) = ns_sockets(closing, rx, capture("rx0", None, SMALL_RING))
+    ring = closing.enter_context(RxRing(cap, SMALL_RING))
     with sender(tx) as proc:
         (got,) = collect([ring], N)
         assert proc.wait(timeout=DEADLINE) == 0
@@ -229,8 +243,8 @@ def test_ring_delivers_every_datagram(pair: Pair, closing: contextlib.ExitStack)
 
 def test_fanout_shares_flows_and_loses_none(pair: Pair, closing: contextlib.ExitStack) -> None:
     tx, rx = pair
-    caps = ns_sockets(closing, rx, ["capture", "rx0", 7], ["capture", "rx0", 7])
-    rings = [closing.enter_context(RxRing(c, block_size=1 << 16, block_count=32)) for c in caps]
+    caps = ns_sockets(closing, rx, capture("rx0", 7, SMALL_RING), capture("rx0", 7, SMALL_RING))
+    rings = [closing.enter_context(RxRing(c, SMALL_RING)) for c in caps]
     with sender(tx, flows=16) as proc:
         got = collect(rings, N)
         assert proc.wait(timeout=DEADLINE) == 0
@@ -244,8 +258,8 @@ def test_fanout_shares_flows_and_loses_none(pair: Pair, closing: contextlib.Exit
 def test_own_output_is_not_captured(pair: Pair, closing: contextlib.ExitStack) -> None:
     """Sender-side captures (alone and in a fanout group) never see the host's own frames."""
     tx, _ = pair
-    caps = ns_sockets(closing, tx, ["capture", "tx0", None], ["capture", "tx0", 9])
-    rings = [closing.enter_context(RxRing(c, block_size=1 << 16, block_count=4)) for c in caps]
+    caps = ns_sockets(closing, tx, capture("tx0", None, TINY_RING), capture("tx0", 9, TINY_RING))
+    rings = [closing.enter_context(RxRing(c, TINY_RING)) for c in caps]
     with sender(tx) as proc:
         assert proc.wait(timeout=DEADLINE) == 0
     # The last datagram has left; any captured copy would be in a block within 2 ms.
@@ -256,20 +270,35 @@ def test_own_output_is_not_captured(pair: Pair, closing: contextlib.ExitStack) -
             block.release()
 
 
+class _LinkWatch(RxRing):
+    """A ring that notes each ENETDOWN the socket reports (`relay_forever` takes it and goes
+    on), so a test sees when the link went down."""
+
+    def __init__(self, sock: socket.socket, spec: CaptureSpec) -> None:
+        super().__init__(sock, spec)
+        self.downs: list[float] = []
+
+    def error(self) -> int:
+        err = super().error()
+        if err == errno.ENETDOWN:
+            self.downs.append(trio.current_time())
+        return err
+
+
 async def test_relaying_survives_a_link_flap(pair: Pair, closing: contextlib.ExitStack) -> None:
     """Link down: ENETDOWN is reported once and relaying goes on; link up: frames flow again."""
     tx, rx = pair
-    (cap,) = ns_sockets(closing, rx, ["capture", "rx0", None])
-    ring = closing.enter_context(RxRing(cap))
+    (cap,) = ns_sockets(closing, rx, capture("rx0", None))
+    ring = closing.enter_context(_LinkWatch(cap, CAPTURE_RING))
     route = Route(())
     routes = types.SimpleNamespace(table={route_key(GROUP, PORT): route})
-    downs: list[float] = []
+    downs = ring.downs
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 functools.partial(
                     relay_forever, ring, routes, SendBatch(), _ip_options_slow_path,
-                    on_link_down=lambda: downs.append(trio.current_time()),
+                    lambda counts: None,
                 )
             )  # fmt: skip
             await trio.run_process(rx.cmd("ip", "link", "set", "rx0", "down"))
@@ -306,8 +335,8 @@ def test_source_switch(pair: Pair, closing: contextlib.ExitStack) -> None:
         "filtered": {key: Route.switch([other])},
     }
     filtered = 0
-    (cap,) = ns_sockets(closing, rx, ["capture", "rx0", None])
-    ring = closing.enter_context(RxRing(cap))
+    (cap,) = ns_sockets(closing, rx, capture("rx0", None))
+    ring = closing.enter_context(RxRing(cap, CAPTURE_RING))
     with sender(tx, options_every=5) as proc:  # slow path included
         deadline = monotonic() + DEADLINE
         while own.packets < N and (left := deadline - monotonic()) > 0:
@@ -333,10 +362,10 @@ def test_source_switch(pair: Pair, closing: contextlib.ExitStack) -> None:
 def test_relay_forwards_byte_identical(size: int, gso: bool, closing: contextlib.ExitStack) -> None:
     """Every datagram arrives once and intact, whether or not GSO merges them on the way."""
     with topology.chain() as c:
-        specs = ["capture", c.relay_in, None], ["output", c.relay_out, True]
+        specs = capture(c.relay_in, None), ["output", c.relay_out, True]
         cap, out = ns_sockets(closing, c.relay, *specs)
         (rx,) = ns_sockets(closing, c.sink, ["receiver", OUT_GROUP, OUT_PORT, c.sink_if])
-        ring = closing.enter_context(RxRing(cap))
+        ring = closing.enter_context(RxRing(cap, CAPTURE_RING))
         output = Output(out, Destination(OUT_GROUP, OUT_PORT), gso_max=1472 if gso else 0)
         route = Route((output,))
         table = {route_key(GROUP, PORT): route}
@@ -373,6 +402,11 @@ def test_relay_forwards_byte_identical(size: int, gso: bool, closing: contextlib
 LOOPBACK = ["output", "lo", False], ["receiver", "127.0.0.1", 4009, ""]
 
 
+def add(batch: SendBatch, dest: Destination, address: int, length: int) -> bool:
+    """Queue one datagram of `length` bytes at `address`; False (nothing queued) when full."""
+    return batch.extend(dest, array(IOVEC_TYPECODE, (address, length))) == 2
+
+
 def test_send_errors_are_counted_not_raised(closing: contextlib.ExitStack) -> None:
     with topology.namespaces("x") as ns:
         out, rx = ns_sockets(closing, ns["x"], *LOOPBACK)
@@ -381,10 +415,10 @@ def test_send_errors_are_counted_not_raised(closing: contextlib.ExitStack) -> No
         huge = ctypes.create_string_buffer(70_000)  # over the UDP maximum: EMSGSIZE
         batch = SendBatch(capacity=4)
         for buf, length in ((small, 5), (huge, 70_000), (small, 5)):
-            assert batch.add(dest, ctypes.addressof(buf), length)
+            assert add(batch, dest, ctypes.addressof(buf), length)
         assert batch.flush(out) == (2, 1, 10, errno.EMSGSIZE)
         assert [rx.recv(100) for _ in range(2)] == [b"hello", b"hello"]
-        assert batch.add(dest, ctypes.addressof(small), 5)
+        assert add(batch, dest, ctypes.addressof(small), 5)
         out.close()
         assert batch.flush(out) == (0, 1, 0, errno.EBADF)
         assert len(batch) == 0
@@ -422,5 +456,5 @@ def test_udp_gso_max_reads_the_mtu() -> None:
 
 def test_missing_interface_is_named() -> None:
     with pytest.raises(OSError, match="'nope0' does not exist") as info:
-        open_capture_socket("nope0", fanout_group=None)
+        open_capture_socket("nope0", CAPTURE_RING, fanout_group=None)
     assert info.value.errno == errno.ENODEV

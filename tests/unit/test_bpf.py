@@ -43,9 +43,9 @@ from mcrelay.dataplane.bpf import (
     drop_all,
 )
 from mcrelay.dataplane.parse import Drop, inline_vlan, parse_udp
+from mcrelay.system.linux import PACKET_HOST, PACKET_MULTICAST, PACKET_OUTGOING
 from tests.lab.frames import build_udp_frame
 
-PACKET_HOST, PACKET_MULTICAST, PACKET_OUTGOING = 0, 2, 4
 U32 = 0xFFFFFFFF
 _SIZES = {0x00: 4, 0x08: 2, 0x10: 1}
 _ALU = {

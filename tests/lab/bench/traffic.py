@@ -53,7 +53,6 @@ from typing import Any
 from mcrelay.tools import payload
 
 PR_SET_TIMERSLACK = 29
-SO_ATTACH_FILTER = 26
 MAX_GSO_SEGMENTS = 63  # 63 × 1024 B fits one UDP datagram (65507 B)
 SLOTS = 4096  # payload.filler_offset(seq, stream) depends on seq mod 4096 only
 
@@ -195,11 +194,14 @@ class _Stream:
 
 
 def role_sink(a: argparse.Namespace) -> None:
-    from mcrelay.dataplane.capture import open_capture_socket
+    import msgspec
+
+    from mcrelay.dataplane.capture import CAPTURE_RING, open_capture_socket
     from mcrelay.dataplane.ring import RxRing
 
     pin(a.cpu)
-    ring = RxRing(open_capture_socket(a.ifname, fanout_group=None), block_count=128)
+    spec = msgspec.structs.replace(CAPTURE_RING, block_count=128)
+    ring = RxRing(open_capture_socket(a.ifname, spec, fanout_group=None), spec)
     buf = ring.buffer
     lo, hi = a.stream_base, a.stream_base + a.flows
     nbits = a.max_seq + 1
@@ -313,28 +315,23 @@ def role_hold(a: argparse.Namespace) -> None:
     mcrelay's supervisor holds for IGMP: the IP stack delivers every datagram to it, in vain.
     ring: that, plus an AF_PACKET TPACKET_V3 ring whose blocks are handed back unread.
     """
-    from mcrelay.dataplane.capture import open_capture_socket
+    from mcrelay.dataplane import bpf
+    from mcrelay.dataplane.capture import CAPTURE_RING, open_capture_socket
     from mcrelay.dataplane.ring import RxRing
+    from mcrelay.system.linux import ip_mreqn
 
     pin(a.cpu)
     keep: list[Any] = []
     if a.mode in ("join", "ring"):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
-        drop_all = struct.pack("HBBI", 0x06, 0, 0, 0)  # BPF_RET | BPF_K, 0
-        prog = ctypes.create_string_buffer(drop_all)
-        fprog = struct.pack("HL", 1, ctypes.addressof(prog))
-        s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-        mreqn = (
-            socket.inet_aton(a.group)
-            + bytes(4)
-            + struct.pack("=i", socket.if_nametoindex(a.ifname))
-        )
+        bpf.attach(s, bpf.drop_all())
+        mreqn = ip_mreqn(a.group, index=socket.if_nametoindex(a.ifname))
         s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
-        keep += [s, prog]
+        keep.append(s)
     ring = None
     if a.mode == "ring":
-        ring = RxRing(open_capture_socket(a.ifname, fanout_group=None))
+        ring = RxRing(open_capture_socket(a.ifname, CAPTURE_RING, fanout_group=None), CAPTURE_RING)
     emit({"ready": True})
     while True:
         r = select.select([sys.stdin] + ([ring] if ring else []), [], [], 1.0)[0]
