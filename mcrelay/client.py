@@ -60,13 +60,10 @@ async def request(path: Path, req: m.Request[R]) -> R:
         raise McrelayError(f"unexpected answer from the daemon on {path}")
     if not reply.ok:
         raise DaemonError(reply.error or "request failed")
-    expected = m.result_type(req)
-    if not isinstance(reply.result, expected):
-        got = type(reply.result).__name__
-        raise McrelayError(
-            f"unexpected answer from the daemon on {path}: {got}, not {expected.__name__}"
-        )
-    return reply.result
+    try:
+        return m.result_of(req, reply)
+    except ProtocolError as exc:
+        raise McrelayError(f"unexpected answer from the daemon on {path}: {exc}") from None
 
 
 def ask(path: Path, req: m.Request[R], timeout: float = 20.0) -> R:

@@ -12,6 +12,7 @@ from typing import Annotated, Generic, Literal, TypeVar, get_args
 
 import msgspec
 
+from mcrelay.errors import ProtocolError
 from mcrelay.ipc import replies as r
 from mcrelay.rules import MAX_RULES, Rule
 
@@ -241,6 +242,18 @@ def result_type(request: Request[R]) -> type[R]:
             result: type[R] = args[0]
             return result
     raise TypeError(f"{type(request).__name__} names no result type")
+
+
+def result_of(request: Request[R], reply: Reply) -> R:
+    """What a successful ``reply`` to ``request`` answered; ProtocolError when it is not the
+    request's result type (a peer's mistake, never the caller's)."""
+    expected = result_type(request)
+    if not isinstance(reply.result, expected):
+        got = type(reply.result).__name__
+        raise ProtocolError(
+            f"{type(request).__name__} answered with {got}, not {expected.__name__}"
+        )
+    return reply.result
 
 
 ClientRequest = (

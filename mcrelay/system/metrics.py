@@ -28,15 +28,8 @@ import trio.lowlevel
 
 from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
-from mcrelay.ipc.replies import (
-    COUNTED_DROPS,
-    Result,
-    RuleInfo,
-    RuleState,
-    Stats,
-    WorkerInfo,
-    WorkerState,
-)
+from mcrelay.ipc.replies import Result, RuleInfo, Stats, WorkerInfo
+from mcrelay.ipc.vocabulary import COUNTED_DROPS, RuleState, WorkerState
 
 log = logging.getLogger("mcrelay.metrics")
 
@@ -201,11 +194,8 @@ async def supervisor_snapshot(execute: Callable[[m.ClientRequest], Awaitable[m.R
         reply = await execute(request)  # type: ignore[arg-type]  # each is a ClientRequest
         if not reply.ok:
             raise McrelayError(f"{type(request).__name__}: {reply.error}")
-        result = reply.result
-        if not isinstance(result, m.result_type(request)):
-            raise McrelayError(f"{type(request).__name__}: answered {type(result).__name__}")
         await trio.lowlevel.checkpoint()
-        return result
+        return m.result_of(request, reply)
 
     workers = (await ask(m.ListWorkers())).workers
     stats = await ask(m.GetStats())

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from mcrelay.dataplane import parse
+from mcrelay.errors import ProtocolError
 from mcrelay.ipc import messages as m
 from mcrelay.ipc import replies as r
 from mcrelay.ipc import vocabulary
@@ -183,3 +184,11 @@ def test_the_vocabularies_are_defined_once() -> None:
     assert set(parse.DROP_REASONS) == set(vocabulary.DropReason)
     assert {d.label for d in parse.Drop} <= set(vocabulary.DropReason)
     assert set(metrics.DROP_REASONS) <= set(vocabulary.DropReason)
+
+
+def test_a_result_of_another_type_is_a_protocol_error() -> None:
+    assert m.result_of(m.GetStats(), m.Reply(ok=True, result=STATS)) is STATS
+    with pytest.raises(ProtocolError, match="Ping answered with Stats, not Pong"):
+        m.result_of(m.Ping(), m.Reply(ok=True, result=STATS))
+    with pytest.raises(ProtocolError, match="answered with NoneType"):
+        m.result_of(m.ListRules(), m.Reply(ok=True))
