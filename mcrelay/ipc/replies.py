@@ -179,10 +179,11 @@ _AS_LIST: dict[type[_Result], str] = {Workers: "workers", Rules: "rules"}
 
 def public(result: Result) -> Any:
     """``result`` as plain data in its public shape (what ``--json`` prints): its fields in
-    order without the tag, and workers and rules as their bare lists."""
+    order without the tag, workers and rules as their bare lists, and every sequence a list,
+    exactly as the same data decodes from the wire untyped."""
     field = _AS_LIST.get(type(result))
-    if field is not None:
-        return msgspec.to_builtins(getattr(result, field))
-    shown: dict[str, Any] = msgspec.to_builtins(result)
-    del shown["t"]
+    value = getattr(result, field) if field is not None else result
+    shown = msgspec.msgpack.decode(msgspec.msgpack.encode(value))
+    if field is None:
+        del shown["t"]
     return shown
