@@ -11,7 +11,7 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -19,6 +19,7 @@ from mcrelay import __version__, client, config
 from mcrelay import rules as rules_mod
 from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
+from mcrelay.ipc import replies
 from mcrelay.supervisor.persistence import DEFAULT_STATE_DIR
 from mcrelay.supervisor.settings import DEFAULT_CONTROL_SOCKET
 from mcrelay.system.logs import LOG_LEVELS
@@ -75,18 +76,27 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code=code)
 
 
-def _call(socket_path: Path, request: m.ClientRequest) -> Any:
+R = TypeVar("R", bound=replies.Result)
+
+
+def _call(socket_path: Path, request: m.Request[R]) -> R:
     try:
-        result = client.call(socket_path, request)
+        result = client.ask(socket_path, request)
     except McrelayError as exc:
         raise fail(str(exc)) from None
-    if isinstance(result, dict) and result.get("warning"):  # made, but the daemon has a caveat
-        typer.echo(f"mcrelay: warning: {result['warning']}", err=True)
+    warning = getattr(result, "warning", None)
+    if warning:  # made, but the daemon has a caveat
+        typer.echo(f"mcrelay: warning: {warning}", err=True)
     return result
 
 
 def _print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, sort_keys=False))
+
+
+def _print_result(result: replies.Result) -> None:
+    """A result as ``--json`` has always shown it (`replies.public`)."""
+    _print_json(replies.public(result))
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> None:
@@ -350,24 +360,24 @@ def workers(socket: SocketOpt = DEFAULT_CONTROL_SOCKET, as_json: JsonOpt = False
     """List the worker processes and their states."""
     result = _call(socket, m.ListWorkers())
     if as_json:
-        _print_json(result)
+        _print_result(result)
         return
     headers = ["ID", "KIND", "PID", "STATE", "RESTARTS", "RULES", "BACKOFF", "FAILED"]
     rows = [
         [
-            w["id"],
-            w["kind"],
-            w["pid"],
-            w["state"],
-            w["restarts"],
-            w["rules"],
-            None if w["backoff_remaining_s"] is None else f"{w['backoff_remaining_s']:.2f}s",
-            w.get("failed_rules"),
+            w.id,
+            w.kind,
+            w.pid,
+            w.state,
+            w.restarts,
+            w.rules,
+            None if w.backoff_remaining_s is None else f"{w.backoff_remaining_s:.2f}s",
+            w.failed_rules,
         ]
-        for w in result
+        for w in result.workers
     ]
     _table(headers, rows)
-    aside = next((w.get("state_moved_aside") for w in result if w.get("state_moved_aside")), None)
+    aside = next((w.state_moved_aside for w in result.workers if w.state_moved_aside), None)
     if aside:
         typer.echo(f"the saved rule table was unreadable at start and was moved aside to {aside}")
 
@@ -409,7 +419,7 @@ def add(
     except McrelayError as exc:
         raise fail(str(exc), 2) from None
     result = _call(socket, m.AddRule(rule=rule))
-    typer.echo(result["id"])
+    typer.echo(result.id)
 
 
 @app.command()
@@ -427,20 +437,20 @@ def list_rules(socket: SocketOpt = DEFAULT_CONTROL_SOCKET, as_json: JsonOpt = Fa
     """List the relay rules."""
     result = _call(socket, m.ListRules())
     if as_json:
-        _print_json(result)
+        _print_result(result)
         return
     rows = []
-    for r in result:
-        inp = r["input"]
-        source = f" from {inp['source']}" if inp.get("source") else ""
-        outs = ", ".join(f"{o['group']}:{o['port']}:{o['interface']}" for o in r["outputs"])
-        vlan = f" vlan {inp['vlan']}" if inp.get("vlan") is not None else ""
-        where = f"{inp['group']}:{inp['port']} on {inp['interface']}{vlan}{source}"
-        rows.append([r["id"], r["state"], where, outs])
+    for r in result.rules:
+        inp = r.input
+        source = f" from {inp.source}" if inp.source else ""
+        outs = ", ".join(str(o) for o in r.outputs)
+        vlan = f" vlan {inp.vlan}" if inp.vlan is not None else ""
+        where = f"{inp.group}:{inp.port} on {inp.interface}{vlan}{source}"
+        rows.append([r.id, r.state, where, outs])
     _table(["ID", "STATE", "INPUT", "OUTPUTS"], rows)
-    for r in result:
-        if r.get("reason"):
-            typer.echo(f"{r['id']} is {r['state']}: {r['reason']}")
+    for r in result.rules:
+        if r.reason:
+            typer.echo(f"{r.id} is {r.state}: {r.reason}")
 
 
 @app.command()
@@ -448,16 +458,16 @@ def stats(socket: SocketOpt = DEFAULT_CONTROL_SOCKET, as_json: JsonOpt = False) 
     """Packet counters and rates per rule and output, merged over all workers."""
     result = _call(socket, m.GetStats())
     if as_json:
-        _print_json(result)
+        _print_result(result)
         return
-    rows = []
-    for r in result["rules"]:
-        rows.append([r["id"], "in", r["packets_in"], r["bytes_in"], "-", r["pps_in"]])
-        for o in r["outputs"]:
-            rows.append(["", o["output"], o["packets"], o["bytes"], o["errors"], o["pps"]])
+    rows: list[list[Any]] = []
+    for r in result.rules:
+        rows.append([r.id, "in", r.packets_in, r.bytes_in, "-", r.pps_in])
+        for o in r.outputs:
+            rows.append(["", o.output, o.packets, o.bytes, o.errors, o.pps])
     _table(["RULE", "DIRECTION", "PACKETS", "BYTES", "ERRORS", "PPS"], rows)
-    drops = ", ".join(f"{k}={v}" for k, v in result["drops"].items() if v) or "none"
-    typer.echo(f"drops: {drops}; kernel drops: {result['kernel_drops']}")
+    drops = ", ".join(f"{k}={v}" for k, v in result.drops.items() if v) or "none"
+    typer.echo(f"drops: {drops}; kernel drops: {result.kernel_drops}")
 
 
 @app.command("log-level")
@@ -471,7 +481,7 @@ def log_level_cmd(
     if level is not None and level not in LOG_LEVELS:
         raise fail(f"unknown log level {level!r} (use {', '.join(LOG_LEVELS)})", 2)
     result = _call(socket, m.LogLevel(level=level))
-    typer.echo(result["level"])
+    typer.echo(result.level)
 
 
 @app.command("restart-worker")
@@ -489,13 +499,7 @@ def restart_worker(
 
 def _daemon_rules(socket_path: Path) -> tuple[rules_mod.Rule, ...]:
     """The daemon's rules as rule objects (without their live state)."""
-    import msgspec
-
-    listed = _call(socket_path, m.ListRules())
-    return msgspec.convert(
-        [{k: v for k, v in r.items() if k not in ("state", "reason")} for r in listed],
-        tuple[rules_mod.Rule, ...],
-    )
+    return tuple(info.rule for info in _call(socket_path, m.ListRules()).rules)
 
 
 def _load_file(path: Path) -> tuple[rules_mod.Rule, ...]:
@@ -538,7 +542,7 @@ def config_load(
 
     rules = _load_file(file)
     result = _call(socket, m.ReplaceRules(rules=rules, dry_run=dry_run))
-    diff = RuleDiff.from_reply(result["added"], result["removed"], len(rules))
+    diff = RuleDiff.from_reply(result.added, result.removed, len(rules))
     if as_json:
         _print_json(
             {

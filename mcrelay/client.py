@@ -1,23 +1,31 @@
-"""Talking to a running daemon over its control socket (used by the CLI and by tests)."""
+"""Talking to a running daemon over its control socket (used by the CLI and by tests).
+
+Replies are decoded here, once, into the request's result type (`mcrelay.ipc.replies`): callers
+get structs, never dictionaries. `call` gives the same result as plain data in its public shape
+(what ``--json`` prints), for callers that only pass it on.
+"""
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from mcrelay.errors import ChannelClosed, McrelayError, ProtocolError
 from mcrelay.ipc import messages as m
+from mcrelay.ipc import replies
 from mcrelay.ipc.framing import FrameChannel
+
+R = TypeVar("R", bound=replies.Result)
 
 
 class DaemonError(McrelayError):
     """The daemon refused the request; the message is its reason."""
 
 
-async def request(path: Path, req: m.ClientRequest) -> Any:
+async def request(path: Path, req: m.Request[R]) -> R:
     """Send one request and return its result; the caller owns the timeout."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -52,13 +60,16 @@ async def request(path: Path, req: m.ClientRequest) -> Any:
         raise McrelayError(f"unexpected answer from the daemon on {path}")
     if not reply.ok:
         raise DaemonError(reply.error or "request failed")
-    return reply.result
+    try:
+        return m.result_of(req, reply)
+    except ProtocolError as exc:
+        raise McrelayError(f"unexpected answer from the daemon on {path}: {exc}") from None
 
 
-def call(path: Path, req: m.ClientRequest, timeout: float = 20.0) -> Any:
+def ask(path: Path, req: m.Request[R], timeout: float = 20.0) -> R:
     """Blocking form for the CLI."""
 
-    async def _run() -> Any:
+    async def _run() -> R:
         with trio.fail_after(timeout):
             return await request(path, req)
 
@@ -66,3 +77,8 @@ def call(path: Path, req: m.ClientRequest, timeout: float = 20.0) -> Any:
         return trio.run(_run)
     except trio.TooSlowError:
         raise McrelayError(f"the daemon on {path} did not answer within {timeout:.0f} s") from None
+
+
+def call(path: Path, req: m.Request[Any], timeout: float = 20.0) -> Any:
+    """`ask`, with the result as plain data in its public shape (`replies.public`)."""
+    return replies.public(ask(path, req, timeout))

@@ -22,7 +22,7 @@ from typing import Any
 
 from mcrelay import rules as rules_mod
 from mcrelay.errors import ConfigError, RuleError
-from mcrelay.rules import DEFAULT_TTL, MatchKey, Rule
+from mcrelay.rules import MatchKey, Rule
 
 _RULE_KEYS = {
     "id",
@@ -142,7 +142,7 @@ def dump(rules: tuple[Rule, ...]) -> str:
             lines.append(f"input-source = {_toml_str(rule.input.source)}")
         if rule.input.vlan is not None:
             lines.append(f"input-vlan = {rule.input.vlan}")
-        outs = ", ".join(_toml_str(_output_text(o)) for o in rule.outputs)
+        outs = ", ".join(_toml_str(str(o)) for o in rule.outputs)
         lines.append(f"outputs = [{outs}]")
         chunks.append("\n".join(lines) + "\n")
     return "\n".join(chunks)
@@ -152,8 +152,3 @@ def _toml_str(text: str) -> str:
     """A TOML basic string. Not json.dumps' ASCII form: TOML refuses the surrogate-pair escapes
     it writes for characters beyond U+FFFF; but raw DEL must be escaped."""
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def _output_text(output: rules_mod.Output) -> str:
-    text = f"{output.group}:{output.port}:{output.interface}"
-    return text if output.ttl == DEFAULT_TTL else f"{text}:{output.ttl}"

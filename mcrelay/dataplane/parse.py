@@ -12,9 +12,12 @@ from __future__ import annotations
 import enum
 import struct
 
+from mcrelay.ipc.vocabulary import DropReason
+
 
 class Drop(enum.IntEnum):
-    """Why a frame was not relayed; `.label` is its stable stats key."""
+    """Why the parser refused a frame, as a small int for the hot path; `.label` is the
+    reason's stable stats key (`DropReason`)."""
 
     TRUNCATED = 1  # a header or length field claims bytes the frame does not have
     MALFORMED = 2  # impossible header values: version, IHL, lengths too small
@@ -25,24 +28,15 @@ class Drop(enum.IntEnum):
     VLAN = 7  # more than one VLAN tag: never relayed
 
     @property
-    def label(self) -> str:
-        return _LABELS[self]
+    def label(self) -> DropReason:
+        return DropReason[self.name]
 
 
-_LABELS = {
-    Drop.TRUNCATED: "truncated",
-    Drop.MALFORMED: "malformed",
-    Drop.NOT_IPV4: "not_ipv4",
-    Drop.FRAGMENT: "fragment",
-    Drop.NOT_UDP: "not_udp",
-    Drop.OUTGOING: "outgoing",
-    Drop.VLAN: "vlan",
-}
 #: Drops the relay counts after parsing: no rule for the destination, no rule for the sender.
-NO_RULE = "no_rule"
-SOURCE_FILTERED = "source_filtered"
+NO_RULE = DropReason.NO_RULE
+SOURCE_FILTERED = DropReason.SOURCE_FILTERED
 #: Every drop reason a data worker counts.
-DROP_REASONS = (*_LABELS.values(), NO_RULE, SOURCE_FILTERED)
+DROP_REASONS = tuple(DropReason)
 
 ETH_HLEN = 14
 

@@ -7,13 +7,17 @@ rejects anything that is not one of its members.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Generic, Literal, TypeVar, get_args
 
 import msgspec
 
+from mcrelay.errors import ProtocolError
+from mcrelay.ipc import replies as r
 from mcrelay.rules import MAX_RULES, Rule
 
-PROTOCOL_VERSION = 1
+#: 2: replies are typed (`mcrelay.ipc.replies`), each result tagged.
+PROTOCOL_VERSION = 2
 
 #: Largest counter or sequence number a worker may report. Workers are not trusted further than
 #: clients: a bound far beyond any real count (2^62 bytes is 11 years at 100 Gbit/s) keeps every
@@ -21,8 +25,9 @@ PROTOCOL_VERSION = 1
 #: worker.
 MAX_COUNT = 2**62
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
-#: Drop reasons a data worker may report (its labels are short words, such as ``no_rule``).
-DropReason = Annotated[str, msgspec.Meta(max_length=32)]
+#: Drop reasons a data worker may report: `mcrelay.ipc.vocabulary.DropReason` values, bounded
+#: text on the wire (a worker is not trusted to name only those).
+DropLabel = Annotated[str, msgspec.Meta(max_length=32)]
 MAX_DROP_REASONS = 64
 
 #: Why a worker could not install a rule (an exception's text, cut to this length).
@@ -153,6 +158,25 @@ class RuleCounters(msgspec.Struct):
     #: Keyed by the output's text form (``ADDR:PORT:IF[:TTL]``), stable across rule edits.
     outputs: dict[str, OutputCounters] = msgspec.field(default_factory=dict)
 
+    def fold(self, other: RuleCounters, combine: Callable[[int, int], int]) -> None:
+        """Make each of this rule's counts ``combine(mine, other's)``, output by output (an
+        output only ``other`` has starts from 0): the one walk every merge of counters uses
+        (sums, differences for rates, a floor under a dead worker's page)."""
+        self.packets_in = combine(self.packets_in, other.packets_in)
+        self.bytes_in = combine(self.bytes_in, other.bytes_in)
+        outputs = self.outputs
+        for key, theirs in other.outputs.items():
+            mine = outputs.get(key)
+            if mine is None:
+                mine = outputs[key] = OutputCounters()
+            mine.packets = combine(mine.packets, theirs.packets)
+            mine.bytes = combine(mine.bytes, theirs.bytes)
+            mine.errors = combine(mine.errors, theirs.errors)
+
+    def copy(self) -> RuleCounters:
+        outputs = {k: OutputCounters(o.packets, o.bytes, o.errors) for k, o in self.outputs.items()}
+        return RuleCounters(self.packets_in, self.bytes_in, outputs)
+
 
 class StatsReport(_Msg, tag="stats"):
     """Pushed by data workers every interval: cumulative counters since the worker started.
@@ -162,7 +186,7 @@ class StatsReport(_Msg, tag="stats"):
     10,000-rule table costs a few bytes a second, not megabytes."""
 
     rules: dict[str, RuleCounters]
-    drops: Annotated[dict[DropReason, Count], msgspec.Meta(max_length=MAX_DROP_REASONS)]
+    drops: Annotated[dict[DropLabel, Count], msgspec.Meta(max_length=MAX_DROP_REASONS)]
     kernel_drops: Count = 0
 
 
@@ -180,42 +204,48 @@ class ControlReply(_Msg, tag="control-reply"):
 
 # --- client requests (control socket) ------------------------------------------------------
 
+R = TypeVar("R", bound=r.Result)
 
-class Ping(_Msg, tag="ping"):
+
+class Request(_Msg, Generic[R]):
+    """A client request whose successful reply carries an ``R`` (see `result_type`)."""
+
+
+class Ping(Request[r.Pong], tag="ping"):
     pass
 
 
-class ListWorkers(_Msg, tag="workers"):
+class ListWorkers(Request[r.Workers], tag="workers"):
     pass
 
 
-class AddRule(_Msg, tag="add"):
+class AddRule(Request[r.Changed], tag="add"):
     rule: Rule
 
 
-class RemoveRule(_Msg, tag="remove"):
+class RemoveRule(Request[r.Changed], tag="remove"):
     id: str
 
 
-class ListRules(_Msg, tag="rules"):
+class ListRules(Request[r.Rules], tag="rules"):
     pass
 
 
-class GetStats(_Msg, tag="stats-request"):
+class GetStats(Request[r.Stats], tag="stats-request"):
     pass
 
 
-class LogLevel(_Msg, tag="log-level-request"):
+class LogLevel(Request[r.LogLevelIs], tag="log-level-request"):
     """Set the level everywhere when ``level`` is given; report it either way."""
 
     level: str | None = None
 
 
-class RestartWorker(_Msg, tag="restart-worker"):
+class RestartWorker(Request[r.Restarted], tag="restart-worker"):
     id: str
 
 
-class ReplaceRules(_Msg, tag="replace-rules"):
+class ReplaceRules(Request[r.RulesReplaced], tag="replace-rules"):
     """Make the table equal to ``rules``: only the difference is applied. ``dry_run``: check
     them as for the change and answer what it would be, changing nothing."""
 
@@ -224,9 +254,34 @@ class ReplaceRules(_Msg, tag="replace-rules"):
 
 
 class Reply(_Msg, tag="reply"):
+    """The answer to one request: ``result`` (of the request's `result_type`) when ``ok``,
+    else ``error``."""
+
     ok: bool
-    result: Any = None
+    result: r.Result | None = None
     error: str | None = None
+
+
+def result_type(request: Request[R]) -> type[R]:
+    """The result type a successful reply to ``request`` carries."""
+    for base in getattr(type(request), "__orig_bases__", ()):
+        args = get_args(base)
+        if args:
+            result: type[R] = args[0]
+            return result
+    raise TypeError(f"{type(request).__name__} names no result type")
+
+
+def result_of(request: Request[R], reply: Reply) -> R:
+    """What a successful ``reply`` to ``request`` answered; ProtocolError when it is not the
+    request's result type (a peer's mistake, never the caller's)."""
+    expected = result_type(request)
+    if not isinstance(reply.result, expected):
+        got = type(reply.result).__name__
+        raise ProtocolError(
+            f"{type(request).__name__} answered with {got}, not {expected.__name__}"
+        )
+    return reply.result
 
 
 ClientRequest = (

@@ -14,13 +14,14 @@ import resource
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, Protocol, TypeVar
 
-import msgspec
 import trio
 import trio_util
 
 from mcrelay import policy
 from mcrelay.errors import McrelayError, ProtocolError, RuleError
 from mcrelay.ipc import messages as m
+from mcrelay.ipc import replies as r
+from mcrelay.ipc.vocabulary import RuleState
 from mcrelay.rules import Rule
 from mcrelay.supervisor import costs
 from mcrelay.supervisor.counter_pages import CounterPages
@@ -67,7 +68,7 @@ class DataPlane(Protocol):
 
     def close(self) -> None: ...
 
-    def rule_state(self, rule: Rule) -> str:
+    def rule_state(self, rule: Rule) -> RuleState:
         """active, paused (input interface down) or unresolved (no such interface)."""
         ...
 
@@ -186,7 +187,7 @@ class Supervisor:
     def saved_rules(self) -> tuple[Rule, ...]:
         """What the state file holds: the table and the refused rules, by id."""
         refused = (rule for rule, _ in self.refused.values())
-        return tuple(sorted((*self.table.rules, *refused), key=lambda r: r.id))
+        return tuple(sorted((*self.table.rules, *refused), key=lambda rule: rule.id))
 
     def _split(self, rules: Iterable[Rule]) -> tuple[list[Rule], dict[str, tuple[Rule, str]]]:
         rules = tuple(rules)
@@ -270,15 +271,15 @@ class Supervisor:
             log.warning("%s; it stays listed as refused and is not installed", reason)
         return update, warning
 
-    def preview_replace(self, rules: tuple[Rule, ...]) -> dict[str, Any]:
+    def preview_replace(self, rules: tuple[Rule, ...]) -> r.RulesReplaced:
         """What ReplaceRules would answer, after the same checks, changing nothing."""
         self._admit(rules)
         diff = RuleDiff.between(self.saved_rules(), rules)
-        return {
-            "added": sorted((*diff.added, *diff.changed)),
-            "removed": sorted((*diff.removed, *diff.changed)),
-            "dry_run": True,
-        }
+        return r.RulesReplaced(
+            added=sorted((*diff.added, *diff.changed)),
+            removed=sorted((*diff.removed, *diff.changed)),
+            dry_run=True,
+        )
 
     @property
     def state_moved_aside(self) -> str | None:
@@ -365,7 +366,7 @@ class Supervisor:
                 log.info("worker %s installed rule %s", slot.id, rule_id)
         slot.failed_rules = now
 
-    def rule_state(self, rule: Rule) -> tuple[str, str | None]:
+    def rule_state(self, rule: Rule) -> tuple[RuleState, str | None]:
         """A rule's state and, when ``failed``, why (which workers could not install it)."""
         reasons = [
             f"{slot.id}: {slot.failed_rules[rule.id]}"
@@ -373,7 +374,7 @@ class Supervisor:
             if rule.id in slot.failed_rules
         ]
         if reasons:
-            return "failed", "; ".join(reasons)
+            return RuleState.FAILED, "; ".join(reasons)
         return self.dataplane.rule_state(rule), None
 
     async def on_ack(self, slot: WorkerSlot, ack: m.RuleAck) -> None:
@@ -432,25 +433,26 @@ class Supervisor:
             return m.Reply(ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
         return m.Reply(ok=True, result=result)
 
-    async def _execute(self, request: m.ClientRequest, start_by: float | None) -> Any:
+    async def _execute(self, request: m.ClientRequest, start_by: float | None) -> r.Result:
         match request:
             case m.Ping():
-                return {"pong": True, "protocol": m.PROTOCOL_VERSION}
+                return r.Pong(protocol=m.PROTOCOL_VERSION)
             case m.ListWorkers():
                 aside = self.state_moved_aside
-                return [{**s.describe(), "state_moved_aside": aside} for s in self.slots.values()]
+                return r.Workers([s.describe(state_moved_aside=aside) for s in self.slots.values()])
             case m.ListRules():
-                listed = [_listed(rule, *self.rule_state(rule)) for rule in self.table.rules]
+                listed = [r.RuleInfo.of(rule, *self.rule_state(rule)) for rule in self.table.rules]
                 listed += [
-                    _listed(rule, "refused", reason) for rule, reason in self.refused.values()
+                    r.RuleInfo.of(rule, RuleState.REFUSED, reason)
+                    for rule, reason in self.refused.values()
                 ]
-                return sorted(listed, key=lambda r: str(r["id"]))
+                return r.Rules(sorted(listed, key=lambda info: info.id))
             case m.AddRule(rule=rule):
                 self._check_against_refused(rule)
                 self._admit([rule])
                 _, warning = await self._change(lambda: self.table.add(rule), start_by)
                 log.info("rule %s added", rule.id)
-                return _warned({"id": rule.id}, warning)
+                return r.Changed(rule.id, warning)
             case m.RemoveRule(id=rule_id) if rule_id in self.refused:
                 refused = self.refused.pop(rule_id)
                 try:
@@ -461,11 +463,11 @@ class Supervisor:
                     self.refused[rule_id] = refused
                     raise
                 log.info("refused rule %s removed", rule_id)
-                return _warned({"id": rule_id}, warning)
+                return r.Changed(rule_id, warning)
             case m.RemoveRule(id=rule_id):
                 _, warning = await self._change(lambda: self.table.remove(rule_id), start_by)
                 log.info("rule %s removed", rule_id)
-                return _warned({"id": rule_id}, warning)
+                return r.Changed(rule_id, warning)
             case m.ReplaceRules(rules=rules, dry_run=True):
                 return self.preview_replace(rules)
             case m.ReplaceRules(rules=rules):
@@ -477,14 +479,14 @@ class Supervisor:
                     len(update.added),
                     len(update.removed),
                 )
-                result = {"added": [r.id for r in update.added], "removed": list(update.removed)}
-                return _warned(result, warning)
+                added = [rule.id for rule in update.added]
+                return r.RulesReplaced(added, list(update.removed), warning=warning)
             case m.GetStats():
                 return self.stats.merged(self.table.rules, self.data_slots)
             case m.LogLevel(level=level):
                 if level is not None:
                     await self.set_log_level(level)
-                return {"level": self.log_level.value}
+                return r.LogLevelIs(self.log_level.value)
             case m.RestartWorker(id=worker_id):
                 slot = self.slots.get(worker_id)
                 if slot is None:
@@ -495,7 +497,7 @@ class Supervisor:
                     self.after_reply.append(slot.restart_now)
                 else:
                     await slot.restart_now()
-                return {"id": worker_id}
+                return r.Restarted(worker_id)
         raise McrelayError(f"unsupported request {type(request).__name__}")
 
     async def set_log_level(self, level: str) -> None:
@@ -531,19 +533,6 @@ async def send_each(slots: list[WorkerSlot], message: object) -> list[WorkerSlot
         for slot in slots:
             nursery.start_soon(one, slot)
     return took
-
-
-def _listed(rule: Rule, state: str, reason: str | None) -> dict[str, Any]:
-    """A rule as ``rules`` lists it: its fields, its state, and why when it is not relayed."""
-    entry: dict[str, Any] = {**msgspec.to_builtins(rule), "state": state}
-    if reason is not None:
-        entry["reason"] = reason
-    return entry
-
-
-def _warned(result: dict[str, Any], warning: str | None) -> dict[str, Any]:
-    """A change's result, with ``warning`` when it was made but not as durably as it should."""
-    return result if warning is None else {**result, "warning": warning}
 
 
 class _DataRole:

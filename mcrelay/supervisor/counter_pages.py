@@ -100,6 +100,6 @@ def _as_report(contents: counter_page.PageContents, rules: Iterable[Rule]) -> St
             continue
         packets, size, _ = counts or (0, 0, 0)
         found[rule.id] = RuleCounters(packets, size, outputs)
-    drops = {reason: cells[tag][0] for tag, reason in _DROP_TAGS.items() if tag in cells}
+    drops: dict[str, int] = {r: cells[tag][0] for tag, r in _DROP_TAGS.items() if tag in cells}
     kernel = contents.kernel_drops
     return StatsReport(rules=found, drops=drops, kernel_drops=kernel or 0)

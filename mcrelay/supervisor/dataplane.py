@@ -24,6 +24,7 @@ import trio
 from mcrelay.dataplane import bpf, ring
 from mcrelay.dataplane.capture import CAPTURE_RING, open_capture_socket
 from mcrelay.ipc import messages as m
+from mcrelay.ipc.vocabulary import RuleState
 from mcrelay.rules import Rule
 from mcrelay.supervisor.memberships import SHORTAGES, Memberships
 from mcrelay.supervisor.rule_table import RuleTable
@@ -62,7 +63,11 @@ def wanted_memberships(rules: tuple[Rule, ...]) -> set[tuple[str, str]]:
 
 #: How often joins that failed for lack of descriptors or memory are tried again, seconds.
 _SHORTAGE_RETRY = 1.0
-_RULE_STATES = {LinkState.UP: "active", LinkState.DOWN: "paused", LinkState.ABSENT: "unresolved"}
+_RULE_STATES = {
+    LinkState.UP: RuleState.ACTIVE,
+    LinkState.DOWN: RuleState.PAUSED,
+    LinkState.ABSENT: RuleState.UNRESOLVED,
+}
 
 
 class KernelDataPlane:
@@ -103,7 +108,7 @@ class KernelDataPlane:
             sock.close()
         return drops
 
-    def rule_state(self, rule: Rule) -> str:
+    def rule_state(self, rule: Rule) -> RuleState:
         """active (capturing), paused (interface down) or unresolved (no such interface).
 
         The state the plumbing has caught up with, not the link's: "active" means capture

@@ -22,6 +22,7 @@ import trio_util
 
 from mcrelay.errors import ChannelClosed, McrelayError, ProtocolError
 from mcrelay.ipc.messages import PROTOCOL_VERSION, Heartbeat, HeartbeatAck, Hello, Stop
+from mcrelay.ipc.replies import WorkerInfo
 from mcrelay.supervisor.backoff import RestartIntensity
 from mcrelay.supervisor.launcher import Launched, Launcher, WorkerSpec
 from mcrelay.supervisor.settings import SupervisorSettings
@@ -127,22 +128,25 @@ class WorkerSlot:
 
     # --- what operators see -------------------------------------------------------------
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, *, state_moved_aside: str | None = None) -> WorkerInfo:
+        """The slot as `mcrelay workers` lists it (``state_moved_aside``: the supervisor's)."""
         remaining = None
         if self._backoff_deadline is not None:
             remaining = round(max(0.0, self._backoff_deadline - trio.current_time()), 3)
-        return {
-            "id": self.id,
-            "kind": self.spec.kind,
-            "pid": self.pid,
-            "state": str(self.state.value),
-            "restarts": self.restarts,
-            "rules": self.rule_count if self.spec.kind == "data" else None,
-            "digest": self.rule_digest if self.spec.kind == "data" else None,
-            "failed_rules": len(self.failed_rules) if self.spec.kind == "data" else None,
-            "backoff_remaining_s": remaining,
-            "recent_failures": self.intensity.recent(trio.current_time()),
-        }
+        data = self.spec.kind == "data"
+        return WorkerInfo(
+            id=self.id,
+            kind=self.spec.kind,
+            pid=self.pid,
+            state=self.state.value,
+            restarts=self.restarts,
+            rules=self.rule_count if data else None,
+            digest=self.rule_digest if data else None,
+            failed_rules=len(self.failed_rules) if data else None,
+            backoff_remaining_s=remaining,
+            recent_failures=self.intensity.recent(trio.current_time()),
+            state_moved_aside=state_moved_aside,
+        )
 
     async def restart_now(self) -> None:
         """Skip a pending backoff, or replace a live worker now (not counted as a failure).

@@ -1,17 +1,16 @@
-"""Worker states, named like supervisord's, and the one pure function that moves between them."""
+"""Worker states, named like supervisord's, and the one pure function that moves between them.
+
+The states themselves are the protocol's (`mcrelay.ipc.vocabulary.WorkerState`, re-exported
+here): clients, `mcrelay top` and the metrics endpoint read the same names.
+"""
 
 from __future__ import annotations
 
 import enum
 
+from mcrelay.ipc.vocabulary import WorkerState
 
-class WorkerState(enum.StrEnum):
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    EXITED = "exited"
-    FATAL = "fatal"
+__all__ = ["Event", "InvalidTransition", "WorkerState", "transition"]
 
 
 class Event(enum.StrEnum):

@@ -18,12 +18,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import operator
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import trio
 
 from mcrelay.ipc.messages import OutputCounters, RuleCounters, StatsReport
+from mcrelay.ipc.replies import OutputStats, RuleStats, Stats
 from mcrelay.rules import Rule
 
 #: The largest value a reply or scrape shows (msgpack and JSON consumers take unsigned 64 bits).
@@ -37,15 +39,12 @@ class _Totals:
     kernel_drops: int = 0
 
     def add(self, report: StatsReport, sign: int = 1) -> None:
+        combine = operator.add if sign > 0 else operator.sub
         for rule_id, rc in report.rules.items():
-            mine = self.rules.setdefault(rule_id, RuleCounters())
-            mine.packets_in += sign * rc.packets_in
-            mine.bytes_in += sign * rc.bytes_in
-            for key, oc in rc.outputs.items():
-                out = mine.outputs.setdefault(key, OutputCounters())
-                out.packets += sign * oc.packets
-                out.bytes += sign * oc.bytes
-                out.errors += sign * oc.errors
+            mine = self.rules.get(rule_id)
+            if mine is None:
+                mine = self.rules[rule_id] = RuleCounters()
+            mine.fold(rc, combine)
         for reason, count in report.drops.items():
             self.drops[reason] += sign * count
         self.kernel_drops += sign * report.kernel_drops
@@ -116,7 +115,7 @@ class StatsBook:
         """Forget retired counters of rules and outputs no longer in the table."""
         self._retired.rules = _known_only(_as_report(self._retired), rules).rules
 
-    def merged(self, rules: Iterable[Rule], workers: Iterable[Any]) -> dict[str, Any]:
+    def merged(self, rules: Iterable[Rule], workers: Iterable[Any]) -> Stats:
         """The view `mcrelay stats` shows: per rule and output, totals and recent rates."""
         totals = _Totals()
         totals.add(_as_report(self._retired))
@@ -138,31 +137,31 @@ class StatsBook:
                 oc = t.outputs.get(key, OutputCounters())
                 orate = r.outputs.get(key, OutputCounters())
                 outputs.append(
-                    {
-                        "output": key,
-                        "packets": _shown(oc.packets),
-                        "bytes": _shown(oc.bytes),
-                        "errors": _shown(oc.errors),
-                        "pps": _rate(orate.packets, span),
-                        "bps": _rate(orate.bytes * 8, span),
-                    }
+                    OutputStats(
+                        output=key,
+                        packets=_shown(oc.packets),
+                        bytes=_shown(oc.bytes),
+                        errors=_shown(oc.errors),
+                        pps=_rate(orate.packets, span),
+                        bps=_rate(orate.bytes * 8, span),
+                    )
                 )
             out_rules.append(
-                {
-                    "id": rule.id,
-                    "packets_in": _shown(t.packets_in),
-                    "bytes_in": _shown(t.bytes_in),
-                    "pps_in": _rate(r.packets_in, span),
-                    "bps_in": _rate(r.bytes_in * 8, span),
-                    "outputs": outputs,
-                }
+                RuleStats(
+                    id=rule.id,
+                    packets_in=_shown(t.packets_in),
+                    bytes_in=_shown(t.bytes_in),
+                    pps_in=_rate(r.packets_in, span),
+                    bps_in=_rate(r.bytes_in * 8, span),
+                    outputs=outputs,
+                )
             )
-        return {
-            "rules": out_rules,
-            "drops": {k: _shown(v) for k, v in sorted(totals.drops.items())},
-            "kernel_drops": _shown(totals.kernel_drops),
-            "interval_s": round(span, 3),
-        }
+        return Stats(
+            rules=out_rules,
+            drops={k: _shown(v) for k, v in sorted(totals.drops.items())},
+            kernel_drops=_shown(totals.kernel_drops),
+            interval_s=round(span, 3),
+        )
 
 
 def _shown(value: int) -> int:
@@ -204,16 +203,10 @@ def _at_least(report: StatsReport, floor: StatsReport | None) -> tuple[StatsRepo
 
     rules = dict(report.rules)
     for rule_id, low in floor.rules.items():
-        got = rules.get(rule_id, RuleCounters())
-        outputs = dict(got.outputs)
-        for key, lo in low.outputs.items():
-            o = outputs.get(key, OutputCounters())
-            outputs[key] = OutputCounters(
-                most(o.packets, lo.packets), most(o.bytes, lo.bytes), most(o.errors, lo.errors)
-            )
-        rules[rule_id] = RuleCounters(
-            most(got.packets_in, low.packets_in), most(got.bytes_in, low.bytes_in), outputs
-        )
+        got = rules.get(rule_id)
+        raised = RuleCounters() if got is None else got.copy()
+        raised.fold(low, most)
+        rules[rule_id] = raised
     drops = dict(report.drops)
     for reason, count in floor.drops.items():
         drops[reason] = most(drops.get(reason, 0), count)

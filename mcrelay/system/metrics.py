@@ -1,8 +1,9 @@
 """Prometheus metrics: the text exposition format (0.0.4) and a minimal HTTP endpoint serving it.
 
 `render_metrics` is pure: it turns what `mcrelay workers`, `mcrelay stats` and `mcrelay rules`
-return into exposition text. `serve_metrics` answers ``GET /metrics`` (and ``HEAD``) with whatever
-its ``snapshot`` callable returns; anything else gets 404 (405 for another method on /metrics).
+return (`mcrelay.ipc.replies`) into exposition text. `serve_metrics` answers ``GET /metrics``
+(and ``HEAD``) with whatever its ``snapshot`` callable returns; anything else gets 404 (405
+for another method on /metrics).
 
 The server runs in the supervisor, so it reads as little of a request as it can: only the request
 line is parsed, headers are skipped, the whole head is capped at `Limits.max_head` bytes and must
@@ -16,34 +17,28 @@ import dataclasses
 import ipaddress
 import logging
 import math
+import operator
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import TypeVar
 
 import trio
 import trio.lowlevel
 
 from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
+from mcrelay.ipc.replies import Result, RuleInfo, Stats, WorkerInfo
+from mcrelay.ipc.vocabulary import COUNTED_DROPS, RuleState, WorkerState
 from mcrelay.system.accept import accept_retrying
 
 log = logging.getLogger("mcrelay.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-WORKER_STATES = ("starting", "running", "backoff", "stopping", "exited", "fatal")
-RULE_STATES = ("active", "paused", "unresolved", "refused", "failed")
-#: The documented reasons (docs/reference.md § Drop reasons): exported as 0 until seen, so a
-#: rate() over them works from the first scrape.
-DROP_REASONS = (
-    "truncated",
-    "malformed",
-    "not_ipv4",
-    "fragment",
-    "not_udp",
-    "no_rule",
-    "source_filtered",
-    "vlan",
-)
+WORKER_STATES: tuple[str, ...] = tuple(WorkerState)
+RULE_STATES: tuple[str, ...] = tuple(RuleState)
+#: The documented reasons: exported as 0 until seen, so a rate() works from the first scrape.
+DROP_REASONS: tuple[str, ...] = COUNTED_DROPS
+R = TypeVar("R", bound=Result)
 
 
 class MetricsListenError(McrelayError):
@@ -106,39 +101,38 @@ Family = tuple[str, str, str, Iterable[Sample]]
 
 
 def _families(
-    workers: Sequence[Mapping[str, Any]],
-    stats: Mapping[str, Any],
-    rules: Sequence[Mapping[str, Any]],
+    workers: Sequence[WorkerInfo], stats: Stats, rules: Sequence[RuleInfo]
 ) -> Iterator[Family]:
     """Every metric family as (name, kind, help, samples), samples generated lazily."""
-    stat_rules: list[Mapping[str, Any]] = list(stats.get("rules", ()))
-    outputs = [(r["id"], o) for r in stat_rules for o in r.get("outputs", ())]
+    stat_rules = stats.rules
+    outputs = [(r.id, o) for r in stat_rules for o in r.outputs]
 
     yield (
         "mcrelay_rule_packets_in_total",
         "counter",
         "Datagrams that matched the rule, since the supervisor started.",
-        (({"rule": r["id"]}, r["packets_in"]) for r in stat_rules),
+        (({"rule": r.id}, r.packets_in) for r in stat_rules),
     )
     yield (
         "mcrelay_rule_bytes_in_total",
         "counter",
         "UDP payload bytes of the datagrams that matched the rule.",
-        (({"rule": r["id"]}, r["bytes_in"]) for r in stat_rules),
+        (({"rule": r.id}, r.bytes_in) for r in stat_rules),
     )
-    for metric, key, help_text in (
-        ("packets", "packets", "Datagrams the kernel accepted for this output."),
-        ("bytes", "bytes", "UDP payload bytes the kernel accepted for this output."),
-        ("errors", "errors", "Datagrams whose send the kernel refused for this output."),
+    for metric, help_text in (
+        ("packets", "Datagrams the kernel accepted for this output."),
+        ("bytes", "UDP payload bytes the kernel accepted for this output."),
+        ("errors", "Datagrams whose send the kernel refused for this output."),
     ):
+        count = operator.attrgetter(metric)
         yield (
             f"mcrelay_output_{metric}_total",
             "counter",
             help_text,
-            (({"rule": rid, "output": o["output"]}, o[key]) for rid, o in outputs),
+            (({"rule": rid, "output": o.output}, count(o)) for rid, o in outputs),
         )
     drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
-    drops.update(stats.get("drops", {}))
+    drops.update(stats.drops)
     yield (
         "mcrelay_drops_total",
         "counter",
@@ -149,22 +143,22 @@ def _families(
         "mcrelay_kernel_drops_total",
         "counter",
         "Frames the kernel dropped because a worker's receive ring was full.",
-        [({}, stats.get("kernel_drops", 0))],
+        [({}, stats.kernel_drops)],
     )
     yield (
         "mcrelay_worker_restarts_total",
         "counter",
         "Times a new process replaced an earlier one in this worker slot.",
-        (({"worker": w["id"], "kind": w["kind"]}, w["restarts"]) for w in workers),
+        (({"worker": w.id, "kind": w.kind}, w.restarts) for w in workers),
     )
     yield (
         "mcrelay_worker_state",
         "gauge",
         "1 for the worker's current state, 0 for the others.",
         (
-            ({"worker": w["id"], "state": state}, int(w["state"] == state))
+            ({"worker": w.id, "state": state}, int(w.state == state))
             for w in workers
-            for state in _states(WORKER_STATES, w["state"])
+            for state in _states(WORKER_STATES, w.state)
         ),
     )
     yield (
@@ -172,19 +166,15 @@ def _families(
         "gauge",
         "1 for the rule's current state (input interface, refused or failed), 0 otherwise.",
         (
-            ({"rule": r["id"], "state": state}, int(r["state"] == state))
+            ({"rule": r.id, "state": state}, int(r.state == state))
             for r in rules
-            for state in _states(RULE_STATES, r["state"])
+            for state in _states(RULE_STATES, r.state)
         ),
     )
     yield ("mcrelay_rules", "gauge", "Relay rules in the table.", [({}, len(rules))])
 
 
-def render_metrics(
-    workers: Sequence[Mapping[str, Any]],
-    stats: Mapping[str, Any],
-    rules: Sequence[Mapping[str, Any]],
-) -> str:
+def render_metrics(workers: Sequence[WorkerInfo], stats: Stats, rules: Sequence[RuleInfo]) -> str:
     """Exposition text from the results of ListWorkers, GetStats and ListRules."""
     out = _Exposition()
     for name, kind, help_text, samples in _families(workers, stats, rules):
@@ -199,14 +189,17 @@ def _states(known: tuple[str, ...], current: str) -> tuple[str, ...]:
 
 async def supervisor_snapshot(execute: Callable[[m.ClientRequest], Awaitable[m.Reply]]) -> str:
     """Exposition text built from the supervisor's own answers (pass ``Supervisor.execute``)."""
-    results = []
-    for request in (m.ListWorkers(), m.GetStats(), m.ListRules()):
-        reply = await execute(request)
+
+    async def ask(request: m.Request[R]) -> R:
+        reply = await execute(request)  # type: ignore[arg-type]  # each is a ClientRequest
         if not reply.ok:
             raise McrelayError(f"{type(request).__name__}: {reply.error}")
-        results.append(reply.result)
         await trio.lowlevel.checkpoint()
-    workers, stats, rules = results
+        return m.result_of(request, reply)
+
+    workers = (await ask(m.ListWorkers())).workers
+    stats = await ask(m.GetStats())
+    rules = (await ask(m.ListRules())).rules
     # Rendering a large table is ~1 s of pure Python (300,000 lines for 10,000 rules x 8
     # outputs): a thread renders it from these private copies while the event loop goes on
     # serving heartbeats and clients (the GIL is handed over every few milliseconds).

@@ -16,7 +16,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,6 +31,7 @@ from rich.text import Text
 from mcrelay import client
 from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
+from mcrelay.ipc.replies import RuleInfo, RuleState, Stats, WorkerInfo, WorkerState
 from mcrelay.supervisor.settings import DEFAULT_CONTROL_SOCKET
 
 #: A poll that takes longer counts as the daemon not answering (then retried next tick).
@@ -38,20 +39,20 @@ POLL_TIMEOUT = 5.0
 #: `--once` waits as long as the other client commands.
 ONCE_TIMEOUT = 20.0
 
-WORKER_STYLES = {
-    "running": "green",
-    "starting": "cyan",
-    "backoff": "yellow",
-    "stopping": "magenta",
-    "exited": "dim",
-    "fatal": "bold red",
+WORKER_STYLES: dict[str, str] = {
+    WorkerState.RUNNING: "green",
+    WorkerState.STARTING: "cyan",
+    WorkerState.BACKOFF: "yellow",
+    WorkerState.STOPPING: "magenta",
+    WorkerState.EXITED: "dim",
+    WorkerState.FATAL: "bold red",
 }
-RULE_STYLES = {
-    "active": "green",
-    "paused": "yellow",
-    "unresolved": "red",
-    "refused": "magenta",
-    "failed": "red",
+RULE_STYLES: dict[str, str] = {
+    RuleState.ACTIVE: "green",
+    RuleState.PAUSED: "yellow",
+    RuleState.UNRESOLVED: "red",
+    RuleState.REFUSED: "magenta",
+    RuleState.FAILED: "red",
 }
 
 
@@ -59,9 +60,9 @@ RULE_STYLES = {
 class Snapshot:
     """One poll's answers, as the daemon returned them."""
 
-    workers: list[dict[str, Any]]
-    stats: dict[str, Any]
-    rules: list[dict[str, Any]]
+    workers: list[WorkerInfo]
+    stats: Stats
+    rules: list[RuleInfo]
     #: Wall-clock time (``time.time()``) the poll finished.
     at: float
 
@@ -88,7 +89,7 @@ async def fetch(socket: Path) -> Snapshot:
     workers = await client.request(socket, m.ListWorkers())
     stats = await client.request(socket, m.GetStats())
     rules = await client.request(socket, m.ListRules())
-    return Snapshot(workers, stats, rules, time.time())
+    return Snapshot(workers.workers, stats, rules.rules, time.time())
 
 
 # --- rendering (pure) -----------------------------------------------------------------------
@@ -117,7 +118,7 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def workers_table(workers: Sequence[Mapping[str, Any]]) -> Table:
+def workers_table(workers: Sequence[WorkerInfo]) -> Table:
     table = Table(title="workers", title_justify="left", expand=False, box=None, pad_edge=False)
     for name, justify in (
         ("ID", "left"),
@@ -130,39 +131,23 @@ def workers_table(workers: Sequence[Mapping[str, Any]]) -> Table:
     ):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for w in workers:
-        backoff = w.get("backoff_remaining_s")
-        restarts = w.get("restarts", 0)
+        backoff = w.backoff_remaining_s
         table.add_row(
-            _cell(w.get("id")),
-            _cell(w.get("kind")),
-            _cell(w.get("pid")),
-            Text(_cell(w.get("state")), style=WORKER_STYLES.get(w.get("state", ""), "")),
-            Text(str(restarts), style="yellow" if restarts else ""),
-            _cell(w.get("rules")),
+            w.id,
+            w.kind,
+            _cell(w.pid),
+            Text(w.state, style=WORKER_STYLES.get(w.state, "")),
+            Text(str(w.restarts), style="yellow" if w.restarts else ""),
+            _cell(w.rules),
             "-" if backoff is None else f"{backoff:.2f}s",
         )
     return table
 
 
-def _rule_outputs(rule: Mapping[str, Any]) -> list[str]:
-    """Outputs named as in `mcrelay stats` (``ADDR:PORT:IF``, ``:TTL`` when not 16)."""
-    names = []
-    for o in rule.get("outputs", ()):
-        ttl = o.get("ttl", 16)
-        names.append(
-            f"{o['group']}:{o['port']}:{o['interface']}" + ("" if ttl == 16 else f":{ttl}")
-        )
-    return names
-
-
 def _errors_before(previous: Snapshot | None) -> dict[tuple[str, str], int]:
     if previous is None:
         return {}
-    return {
-        (r["id"], o["output"]): o["errors"]
-        for r in previous.stats.get("rules", ())
-        for o in r.get("outputs", ())
-    }
+    return {(r.id, o.output): o.errors for r in previous.stats.rules for o in r.outputs}
 
 
 def rules_table(snapshot: Snapshot, previous: Snapshot | None = None) -> Table:
@@ -178,9 +163,9 @@ def rules_table(snapshot: Snapshot, previous: Snapshot | None = None) -> Table:
         ("ERRORS", "right"),
     ):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    stats = {r["id"]: r for r in snapshot.stats.get("rules", ())}
-    states = {r["id"]: r.get("state", "?") for r in snapshot.rules}
-    defined = {r["id"]: r for r in snapshot.rules}
+    stats = {r.id: r for r in snapshot.stats.rules}
+    states = {r.id: r.state for r in snapshot.rules}
+    defined = {r.id: r for r in snapshot.rules}
     before = _errors_before(previous)
     for rule_id in [*defined, *(i for i in stats if i not in defined)]:
         state = states.get(rule_id, "?")
@@ -192,19 +177,19 @@ def rules_table(snapshot: Snapshot, previous: Snapshot | None = None) -> Table:
         if s is None:  # added between the two requests: no counters yet
             rule_cells += ["-", "-"]
             outputs: list[list[RenderableType]] = [
-                [name, "-", "-", "-"] for name in _rule_outputs(defined[rule_id])
+                [str(o), "-", "-", "-"] for o in defined[rule_id].outputs
             ]
         else:
-            rule_cells += [format_pps(s["pps_in"]), format_bits(s["bps_in"])]
+            rule_cells += [format_pps(s.pps_in), format_bits(s.bps_in)]
             outputs = []
-            for o in s.get("outputs", ()):
-                errors = o["errors"]
-                grew = errors - before.get((rule_id, o["output"]), errors)
+            for o in s.outputs:
+                errors = o.errors
+                grew = errors - before.get((rule_id, o.output), errors)
                 if grew > 0:
                     shown = Text(f"{errors} (+{grew})", style="bold red")
                 else:
                     shown = Text(str(errors), style="red" if errors else "dim")
-                outputs.append([o["output"], format_pps(o["pps"]), format_bits(o["bps"]), shown])
+                outputs.append([o.output, format_pps(o.pps), format_bits(o.bps), shown])
         if not outputs:
             outputs = [["-", "-", "-", "-"]]
         table.add_row(*rule_cells, *outputs[0])
@@ -213,30 +198,30 @@ def rules_table(snapshot: Snapshot, previous: Snapshot | None = None) -> Table:
     return table
 
 
-def drops_line(stats: Mapping[str, Any]) -> Text:
-    drops = {k: v for k, v in stats.get("drops", {}).items() if v}
+def drops_line(stats: Stats) -> Text:
+    drops = {k: v for k, v in stats.drops.items() if v}
     line = Text("drops: ")
     if drops:
         line.append(" ".join(f"{k}={v}" for k, v in drops.items()), style="yellow")
     else:
         line.append("none", style="dim")
-    kernel = stats.get("kernel_drops", 0)
+    kernel = stats.kernel_drops
     line.append("   kernel drops: ")
     line.append(str(kernel), style="red" if kernel else "dim")
     return line
 
 
 def summary_line(snapshot: Snapshot) -> Text:
-    running = sum(1 for w in snapshot.workers if w.get("state") == "running")
+    running = sum(1 for w in snapshot.workers if w.state == WorkerState.RUNNING)
     line = Text(f"workers {running}/{len(snapshot.workers)} running", style="bold")
     counts: dict[str, int] = {}
     for r in snapshot.rules:
-        counts[r.get("state", "?")] = counts.get(r.get("state", "?"), 0) + 1
+        counts[r.state] = counts.get(r.state, 0) + 1
     detail = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     line.append(f"   rules {len(snapshot.rules)}" + (f" ({detail})" if detail else ""))
-    stat_rules = snapshot.stats.get("rules", ())
-    pps = sum(r["pps_in"] for r in stat_rules)
-    bps = sum(r["bps_in"] for r in stat_rules)
+    stat_rules = snapshot.stats.rules
+    pps = sum(r.pps_in for r in stat_rules)
+    bps = sum(r.bps_in for r in stat_rules)
     line.append(f"   in {format_pps(pps)} pps {format_bits(bps)}")
     return line
 
@@ -268,7 +253,7 @@ def render_frame(view: View) -> RenderableType:
         workers_table(snapshot.workers),
         Text(""),
         rules_table(snapshot, view.previous)
-        if snapshot.rules or snapshot.stats.get("rules")
+        if snapshot.rules or snapshot.stats.rules
         else Text("rules: none", style="dim"),
         Text(""),
         drops_line(snapshot.stats),

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from mcrelay.ipc import messages as m
 from mcrelay.ipc.framing import MAX_CLIENT_FRAME_SIZE, MORE_FRAGMENTS
+from mcrelay.ipc.replies import public
 from mcrelay.system.logs import LOG_LEVELS
 from mcrelay.worker.control import CLIENT_SEND_TIMEOUT
 from tests.adversarial import (
@@ -424,7 +425,7 @@ def test_add_rule_values(live: Live, rule: dict[str, Any]) -> None:
     assert isinstance(reply, m.Reply)
     if reply.ok:
         TRIED["add: accepted"] += 1
-        assert reply.result == {"id": rule["id"]}
+        assert public(reply.result) == {"id": rule["id"]}
         assert workers_of(d.socket) == base.workers  # the data worker survived installing it
         call(d.socket, m.RemoveRule(id=rule["id"]))
     else:

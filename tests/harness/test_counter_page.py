@@ -46,9 +46,9 @@ async def _counted(sup: Supervisor) -> tuple[int, int, int]:
     reply = await sup.execute(m.GetStats())
     assert reply.ok
     msgspec.msgpack.encode(reply)  # whatever a worker wrote, the reply encodes
-    (stats,) = reply.result["rules"]
-    (out,) = stats["outputs"]
-    return stats["packets_in"], out["packets"], reply.result["kernel_drops"]
+    (stats,) = reply.result.rules
+    (out,) = stats.outputs
+    return stats.packets_in, out.packets, reply.result.kernel_drops
 
 
 async def _kill_and_replace(sup: Supervisor, launcher: fakes.FakeLauncher) -> None:

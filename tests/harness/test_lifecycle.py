@@ -87,7 +87,7 @@ async def test_restart_worker_cancels_pending_backoff(autojump_clock: trio.abc.C
         slot = sup.slots["data-0"]
         await slot.state.wait_value(WorkerState.BACKOFF)
         await trio.sleep(1.0)
-        assert slot.describe()["backoff_remaining_s"] == 9.0
+        assert slot.describe().backoff_remaining_s == 9.0
         reply = await sup.execute(m.RestartWorker(id="data-0"))
         assert reply.ok
         await slot.state.wait_value(WorkerState.RUNNING)
@@ -148,7 +148,7 @@ async def test_restart_intensity_marks_fatal_and_keeps_retrying(
         # The 4th failure (0.25 + 0.5 + 1 s later) exceeds 3 in 60 s; retried at the cap.
         assert trio.current_time() == 1.75
         workers = await sup.execute(m.ListWorkers())
-        assert workers.result[0]["state"] == "fatal"
+        assert workers.result.workers[0].state == "fatal"
         await slot.state.wait_value(WorkerState.RUNNING)
         assert launcher.of("data-0")[-1].started_at == 1.75 + 16 + 16
 
@@ -174,7 +174,7 @@ async def test_replacement_gets_every_rule_before_running(autojump_clock: trio.a
         replacement = launcher.of("data-1")[1]
         assert replacement.impl is not None
         assert sorted(replacement.impl.rules) == sorted(r.id for r in sup.table.rules)
-        assert slot.describe()["rules"] == 2
+        assert slot.describe().rules == 2
         assert slot.acked_seq.value == sup.table.seq
 
 

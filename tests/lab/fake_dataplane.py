@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import trio
 
+from mcrelay.ipc.vocabulary import RuleState
 from mcrelay.rules import Rule
 from mcrelay.supervisor.core import Supervisor
 from mcrelay.supervisor.rule_table import RuleTable
@@ -26,8 +27,8 @@ class NoDataPlane:
     def close(self) -> None:
         return None
 
-    def rule_state(self, rule: Rule) -> str:
-        return "active"
+    def rule_state(self, rule: Rule) -> RuleState:
+        return RuleState.ACTIVE
 
     def worker_gone(self, slot: WorkerSlot, pid: int) -> int:
         return 0

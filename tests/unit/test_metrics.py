@@ -9,21 +9,23 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 import trio.testing
 
 from mcrelay.ipc import messages as m
+from mcrelay.ipc.replies import RuleInfo, Rules, Stats, WorkerInfo, Workers
 from mcrelay.system.metrics import (
     CONTENT_TYPE,
     Limits,
     MetricsListenError,
     escape_label_value,
     parse_listen,
-    render_metrics,
     serve_connection,
     supervisor_snapshot,
 )
+from mcrelay.system.metrics import render_metrics as render_typed
 
 WORKERS: list[dict[str, Any]] = [
     {
@@ -79,6 +81,26 @@ STATS: dict[str, Any] = {
     "kernel_drops": 7,
     "interval_s": 1.0,
 }
+
+
+def workers_of(workers: list[dict[str, Any]]) -> list[WorkerInfo]:
+    """Fixtures in the shape ``--json`` prints, as the reply types the daemon answers with."""
+    return msgspec.convert(workers, list[WorkerInfo])
+
+
+def stats_of(stats: dict[str, Any]) -> Stats:
+    return msgspec.convert(stats, Stats)
+
+
+def rules_of(rules: list[dict[str, Any]]) -> list[RuleInfo]:
+    return msgspec.convert(rules, list[RuleInfo])
+
+
+def render_metrics(
+    workers: list[dict[str, Any]], stats: dict[str, Any], rules: list[dict[str, Any]]
+) -> str:
+    return render_typed(workers_of(workers), stats_of(stats), rules_of(rules))
+
 
 # One line of the text format: a comment, or name{labels} value.
 _LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
@@ -178,7 +200,11 @@ def test_label_values_are_escaped() -> None:
 
 async def test_supervisor_snapshot_asks_the_three_questions() -> None:
     asked: list[str] = []
-    answers = {"ListWorkers": WORKERS, "GetStats": STATS, "ListRules": RULES}
+    answers = {
+        "ListWorkers": Workers(workers_of(WORKERS)),
+        "GetStats": stats_of(STATS),
+        "ListRules": Rules(rules_of(RULES)),
+    }
 
     async def execute(request: m.ClientRequest) -> m.Reply:
         asked.append(type(request).__name__)

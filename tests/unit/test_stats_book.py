@@ -31,8 +31,8 @@ async def test_counters_of_unknown_rules_and_outputs_are_not_kept() -> None:
     book.record("data-0", 1, _report("a", "ghost-1", "ghost-2"), table)
     book.record("data-0", 2, _report("a"), table)  # a new process: the old one is retired
     merged = book.merged(table.values(), [])
-    assert [r["id"] for r in merged["rules"]] == ["a"]
-    assert merged["rules"][0]["packets_in"] == 2
+    assert [r.id for r in merged.rules] == ["a"]
+    assert merged.rules[0].packets_in == 2
     assert book._retired.rules.keys() == {"a"}
     assert book._retired.rules["a"].outputs.keys() == {"239.9.9.9:6000:o"}
     book.prune({})  # rule a removed: its retired counts go with it
@@ -45,8 +45,8 @@ async def test_sums_beyond_64_bits_are_capped_and_encode() -> None:
     for pid in range(1, 8):  # seven processes, each at the largest count a worker may send
         book.record("data-0", pid, _report("a", count=m.MAX_COUNT), table)
     merged = book.merged(table.values(), [])
-    assert merged["rules"][0]["bytes_in"] == MAX_SHOWN
-    assert merged["drops"]["no_rule"] == MAX_SHOWN
+    assert merged.rules[0].bytes_in == MAX_SHOWN
+    assert merged.drops["no_rule"] == MAX_SHOWN
     msgspec.msgpack.encode(merged)
     await trio.lowlevel.checkpoint()
 

@@ -27,7 +27,7 @@ from mcrelay.tools.top import (
     top_command,
     workers_table,
 )
-from tests.unit.test_metrics import RULES, STATS, WORKERS
+from tests.unit.test_metrics import RULES, STATS, WORKERS, rules_of, stats_of, workers_of
 
 SOCKET = Path("/run/test/control.sock")
 TWO_OUTPUTS: dict[str, Any] = {
@@ -53,7 +53,14 @@ def rows(frame: str) -> list[str]:
 
 
 def snapshot(**changes: Any) -> Snapshot:
-    return Snapshot(**{"workers": WORKERS, "stats": STATS, "rules": RULES, "at": 0.0, **changes})
+    """A poll that answered these fixtures (in the shape ``--json`` prints them)."""
+    answers = {"workers": WORKERS, "stats": STATS, "rules": RULES, **changes}
+    return Snapshot(
+        workers_of(answers["workers"]),
+        stats_of(answers["stats"]),
+        rules_of(answers["rules"]),
+        at=0.0,
+    )
 
 
 def test_frame_shows_workers_rules_outputs_and_drops() -> None:
@@ -117,7 +124,7 @@ def test_no_rules() -> None:
 
 
 def test_states_are_coloured() -> None:
-    table = workers_table([{**WORKERS[1], "state": "fatal"}, WORKERS[0]])
+    table = workers_table(workers_of([{**WORKERS[1], "state": "fatal"}, WORKERS[0]]))
     states = list(table.columns[3].cells)
     assert isinstance(states[0], Text) and states[0].style == "bold red"
     assert isinstance(states[1], Text) and states[1].style == "green"
