@@ -7,9 +7,7 @@ and a non-zero exit code, never as a traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,12 +15,11 @@ import typer
 
 from mcrelay import __version__, client, config
 from mcrelay import rules as rules_mod
-from mcrelay.errors import McrelayError
+from mcrelay.errors import McrelayError, leaves, split
 from mcrelay.ipc import messages as m
-from mcrelay.supervisor.persistence import DEFAULT_STATE_DIR
-from mcrelay.supervisor.settings import DEFAULT_CONTROL_SOCKET
-from mcrelay.system.logs import LOG_LEVELS
-from mcrelay.system.privileges import DEFAULT_CONTROL_USER, DEFAULT_DATA_USER
+from mcrelay.supervisor import DEFAULTS as DAEMON
+from mcrelay.supervisor import MINIMUM, BadOption, DaemonOptions
+from mcrelay.system import DEFAULT_CONTROL_SOCKET, LOG_LEVELS, check_log_level
 from mcrelay.tools.commands import gen_command, sink_command
 from mcrelay.tools.top import top_command
 
@@ -99,25 +96,17 @@ def _table(headers: list[str], rows: list[list[Any]]) -> None:
 # --- the daemon -------------------------------------------------------------------------------
 
 
-def _metrics_listen(value: str | None) -> str | None:
-    from mcrelay.system.metrics import parse_listen
-
-    if value is not None:
-        try:
-            parse_listen(value)
-        except McrelayError as exc:
-            raise typer.BadParameter(str(exc)) from None
-    return value
-
-
 @app.command()
 def supervisor(
     control_socket: Annotated[
         Path, typer.Option(help="Where to create the control socket.")
-    ] = DEFAULT_CONTROL_SOCKET,
+    ] = DAEMON.control_socket,
     num_workers: Annotated[
-        int | None, typer.Option(help="Data-plane workers [default: number of CPUs].", min=1)
-    ] = None,
+        int | None,
+        typer.Option(
+            help="Data-plane workers [default: number of CPUs].", min=MINIMUM["num_workers"]
+        ),
+    ] = DAEMON.num_workers,
     config_file: Annotated[
         Path | None,
         typer.Option(
@@ -125,29 +114,31 @@ def supervisor(
             help="Rules from this TOML file: applied at start and on SIGHUP when it changed "
             "since the saved table was made from it (docs/configuration.md).",
         ),
-    ] = None,
+    ] = DAEMON.config_file,
     keep_runtime_rules: Annotated[
         bool,
         typer.Option(
             help="When the --config file changed, keep the rules added at runtime (not from "
             "the file) on top of its rules [default: dropped, and logged]."
         ),
-    ] = False,
+    ] = DAEMON.keep_runtime_rules,
     state_dir: Annotated[
         Path, typer.Option(help="Where the rule table is saved on every change and restored from.")
-    ] = DEFAULT_STATE_DIR,
-    log_level: Annotated[str, typer.Option(help=f"One of {', '.join(LOG_LEVELS)}.")] = "info",
+    ] = DAEMON.state_dir,
+    log_level: Annotated[
+        str, typer.Option(help=f"One of {', '.join(LOG_LEVELS)}.")
+    ] = DAEMON.log_level,
     socket_group: Annotated[
         str | None,
         typer.Option(help="Group whose members may use the control socket [default: root only]."),
-    ] = None,
+    ] = DAEMON.socket_group,
     read_group: Annotated[
         str | None,
         typer.Option(
             help="Group whose members may only read: ping, workers, rules, stats, log level "
             "[default: none]."
         ),
-    ] = None,
+    ] = DAEMON.read_group,
     allow_input_interface: Annotated[
         list[str] | None,
         typer.Option(
@@ -174,165 +165,110 @@ def supervisor(
     allow_loopback: Annotated[
         bool,
         typer.Option(help="Allow lo and 127.0.0.0/8 as inputs and outputs [default: refused]."),
-    ] = False,
+    ] = DAEMON.allow_loopback,
     user: Annotated[
         str,
         typer.Option(
             help="User the data workers run as (when started as root; a missing default user "
             "is replaced by an unused uid)."
         ),
-    ] = DEFAULT_DATA_USER,
+    ] = DAEMON.user,
     control_user: Annotated[
         str,
         typer.Option(
             help="User the control worker runs as (when started as root; a missing default "
             "user is replaced by an unused uid)."
         ),
-    ] = DEFAULT_CONTROL_USER,
+    ] = DAEMON.control_user,
     unsafe_keep_worker_root: Annotated[
         bool,
         typer.Option(
             help="UNSAFE: start even if workers cannot switch away from root's uid (they still "
             "lose every capability, but a worker bug then owns root's files)."
         ),
-    ] = False,
+    ] = DAEMON.unsafe_keep_worker_root,
     pin_workers: Annotated[
         bool,
         typer.Option(help="Pin data worker i to CPU i (distinct CPUs while enough)."),
-    ] = False,
+    ] = DAEMON.pin_workers,
     exit_on_fatal: Annotated[
         bool, typer.Option(help="Exit non-zero when a worker exceeds its restart intensity.")
-    ] = False,
+    ] = DAEMON.exit_on_fatal,
     backoff_initial: Annotated[
-        float, typer.Option(help="First restart delay, seconds.", min=0.001)
-    ] = 0.25,
+        float, typer.Option(help="First restart delay, seconds.", min=MINIMUM["backoff_initial"])
+    ] = DAEMON.backoff_initial,
     backoff_max: Annotated[
-        float, typer.Option(help="Restart delay cap, seconds.", min=0.001)
-    ] = 16.0,
+        float, typer.Option(help="Restart delay cap, seconds.", min=MINIMUM["backoff_max"])
+    ] = DAEMON.backoff_max,
     stable_after: Annotated[
-        float, typer.Option(help="Run time after which the restart delay resets, seconds.", min=0)
-    ] = 30.0,
+        float,
+        typer.Option(
+            help="Run time after which the restart delay resets, seconds.",
+            min=MINIMUM["stable_after"],
+        ),
+    ] = DAEMON.stable_after,
     heartbeat_timeout: Annotated[
-        float, typer.Option(help="A worker silent this long is killed, seconds.", min=0.1)
-    ] = 3.0,
+        float,
+        typer.Option(
+            help="A worker silent this long is killed, seconds.", min=MINIMUM["heartbeat_timeout"]
+        ),
+    ] = DAEMON.heartbeat_timeout,
     max_failures: Annotated[
-        int, typer.Option(help="More failures than this within --failure-window: fatal.", min=1)
-    ] = 10,
+        int,
+        typer.Option(
+            help="More failures than this within --failure-window: fatal.",
+            min=MINIMUM["max_failures"],
+        ),
+    ] = DAEMON.max_failures,
     failure_window: Annotated[
-        float, typer.Option(help="Window for --max-failures, seconds.", min=1)
-    ] = 60.0,
+        float,
+        typer.Option(help="Window for --max-failures, seconds.", min=MINIMUM["failure_window"]),
+    ] = DAEMON.failure_window,
     metrics_listen: Annotated[
         str | None,
         typer.Option(
             metavar="ADDR:PORT",
-            callback=_metrics_listen,
             help="Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off].",
         ),
-    ] = None,
+    ] = DAEMON.metrics_listen,
 ) -> None:
     """Run the daemon in the foreground (systemd does the daemonizing)."""
-    import trio
+    # Imported here: the daemon's modules are many, and the client commands need none of them.
+    from mcrelay.supervisor.start import run
 
-    from mcrelay.policy import AccessPolicy
-    from mcrelay.supervisor.backoff import BackoffPolicy
-    from mcrelay.supervisor.dataplane import KernelDataPlane
-    from mcrelay.supervisor.launcher import SpawnerLauncher, WorkerUsers
-    from mcrelay.supervisor.main import run_daemon
-    from mcrelay.supervisor.persistence import RuleStore
-    from mcrelay.supervisor.settings import SupervisorSettings
-    from mcrelay.system.logs import setup_logging
-    from mcrelay.system.process import raise_open_file_limit
-
-    if log_level not in LOG_LEVELS:
-        raise typer.BadParameter(f"use one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
-    if backoff_max < backoff_initial:
-        raise typer.BadParameter("must be at least --backoff-initial", param_hint="--backoff-max")
-    setup_logging(log_level, "mcrelay: supervisor")
-    socket_gid = _group_id(socket_group, "--socket-group")
-    read_gid = _group_id(read_group, "--read-group")
-    try:
-        initial = config.load(config_file) if config_file else ()
-        policy = AccessPolicy.from_options(
-            input_interfaces=allow_input_interface or (),
-            outputs=allow_output or (),
-            host_inputs=allow_host_input or (),
-            allow_loopback=allow_loopback,
-        )
-    except McrelayError as exc:
-        raise fail(str(exc), 2) from None
-    settings = SupervisorSettings(
+    options = DaemonOptions(
         control_socket=control_socket,
-        num_workers=num_workers or os.cpu_count() or 1,
-        backoff=BackoffPolicy(backoff_initial, backoff_max, stable_after),
-        max_failures=max_failures,
-        failure_window=failure_window,
-        exit_on_fatal=exit_on_fatal,
-        pin_workers=pin_workers,
+        num_workers=num_workers,
+        config_file=config_file,
         keep_runtime_rules=keep_runtime_rules,
-        worker_user=user,
+        state_dir=state_dir,
+        log_level=log_level,
+        socket_group=socket_group,
+        read_group=read_group,
+        allow_input_interface=tuple(allow_input_interface or ()),
+        allow_output=tuple(allow_output or ()),
+        allow_host_input=tuple(allow_host_input or ()),
+        allow_loopback=allow_loopback,
+        user=user,
         control_user=control_user,
         unsafe_keep_worker_root=unsafe_keep_worker_root,
-        socket_gid=socket_gid,
-        read_gid=read_gid,
-        policy=policy,
+        pin_workers=pin_workers,
+        exit_on_fatal=exit_on_fatal,
+        backoff_initial=backoff_initial,
+        backoff_max=backoff_max,
+        stable_after=stable_after,
         heartbeat_timeout=heartbeat_timeout,
-        heartbeat_interval=min(1.0, heartbeat_timeout / 3),
-        log_level=log_level,
+        max_failures=max_failures,
+        failure_window=failure_window,
+        metrics_listen=metrics_listen,
     )
-    launcher: SpawnerLauncher | None = None
     try:
-        # Before the spawner: it and every worker inherit the raised open-file limit.
-        raise_open_file_limit()
-        # Before the trio loop: the spawner is the only process that forks workers.
-        users = WorkerUsers.resolve(user, control_user, keep_root=unsafe_keep_worker_root)
-        launcher = SpawnerLauncher(users)
-        launcher.start()
-        code = trio.run(
-            partial(
-                run_daemon,
-                settings,
-                launcher,
-                initial_rules=initial,
-                dataplane=KernelDataPlane(),
-                config_file=config_file,
-                store=RuleStore(state_dir),
-                metrics_listen=metrics_listen,
-            )
-        )
-    except (McrelayError, OSError, ExceptionGroup) as exc:
-        message = _start_refusal(exc)
-        if message is None:
-            raise
-        raise fail(message, 2) from None
-    finally:
-        if launcher is not None:
-            launcher.close()
+        code = run(options)
+    except BadOption as exc:
+        raise typer.BadParameter(exc.reason, param_hint=f"'{exc.option}'") from None
+    except McrelayError as exc:
+        raise fail(str(exc), 2) from None
     raise typer.Exit(code)
-
-
-def _start_refusal(exc: BaseException) -> str | None:
-    """The sentence for a daemon that cannot start, or None for anything else (a bug). A refusal
-    raised inside the daemon's task tree arrives in an exception group: every part is said."""
-    if isinstance(exc, McrelayError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return f"cannot start: {exc}"
-    if isinstance(exc, BaseExceptionGroup):
-        parts = [_start_refusal(e) for e in exc.exceptions]
-        if parts and all(parts):
-            return "; ".join(p for p in parts if p)
-    return None
-
-
-def _group_id(name: str | None, option: str) -> int | None:
-    if name is None:
-        return None
-    import grp
-
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise fail(f"{option} {name}: no such group", 2) from None
 
 
 # --- client commands --------------------------------------------------------------------------
@@ -468,8 +404,11 @@ def log_level_cmd(
     socket: SocketOpt = DEFAULT_CONTROL_SOCKET,
 ) -> None:
     """Show or change the log level of every mcrelay process."""
-    if level is not None and level not in LOG_LEVELS:
-        raise fail(f"unknown log level {level!r} (use {', '.join(LOG_LEVELS)})", 2)
+    if level is not None:
+        try:
+            check_log_level(level)
+        except McrelayError as exc:
+            raise fail(str(exc), 2) from None
     result = _call(socket, m.LogLevel(level=level))
     typer.echo(result["level"])
 
@@ -584,13 +523,20 @@ def config_save(
 
 
 def main() -> None:
-    """Console entry point: nothing but a one-line message escapes to the user."""
+    """Console entry point: nothing but one-line messages escape to the user. Ctrl-C (alone, or
+    inside a group with nothing else) is exit code 130; a bug is each of its errors on a line
+    of its own and exit code 70."""
     try:
         app()
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:  # last resort: a bug must still not print a traceback
-        while isinstance(exc, ExceptionGroup):
-            exc = exc.exceptions[0]
-        typer.echo(f"mcrelay: internal error: {type(exc).__name__}: {exc}", err=True)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # last resort: a bug must still not print a traceback
+        _, rest = split(exc, KeyboardInterrupt)
+        if rest is None:
+            sys.exit(130)
+        bugs = leaves(rest)
+        if not all(isinstance(bug, Exception) for bug in bugs):
+            raise  # e.g. GeneratorExit: not ours to explain
+        for bug in bugs:
+            typer.echo(f"mcrelay: internal error: {type(bug).__name__}: {bug}", err=True)
         sys.exit(70)

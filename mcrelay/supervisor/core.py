@@ -34,7 +34,7 @@ from mcrelay.supervisor.slot import WorkerSlot
 from mcrelay.supervisor.states import WorkerState
 from mcrelay.supervisor.stats import StatsBook
 from mcrelay.system.addresses import host_addresses, is_loopback_interface
-from mcrelay.system.logs import LOG_LEVELS, set_log_level
+from mcrelay.system.logs import check_log_level, set_log_level
 from mcrelay.system.netlink import interface_exists
 from mcrelay.worker.control import REQUEST_TIMEOUT
 
@@ -521,9 +521,7 @@ class Supervisor:
         raise McrelayError(f"unsupported request {type(request).__name__}")
 
     async def set_log_level(self, level: str) -> None:
-        if level not in LOG_LEVELS:
-            raise McrelayError(f"unknown log level {level!r} (use {', '.join(LOG_LEVELS)})")
-        set_log_level(level)
+        set_log_level(check_log_level(level))
         self.log_level.value = level
         await send_each(list(self.slots.values()), m.SetLogLevel(level=level))
 
