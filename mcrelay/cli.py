@@ -1,7 +1,10 @@
 """The ``mcrelay`` command: the daemon, the client commands, and the traffic tools.
 
 Each command is synchronous and runs trio itself. Errors reach the user as one line on stderr
-and a non-zero exit code, never as a traceback.
+(one per error when several happened at once) and a non-zero exit code, never as a traceback.
+The ``supervisor`` command only parses: `mcrelay.supervisor.options` owns its defaults and
+checks, `mcrelay.supervisor.start` starts the daemon. The client commands talk to the daemon
+through `mcrelay.client` alone.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from mcrelay import __version__, client, config
 from mcrelay import rules as rules_mod
 from mcrelay.errors import McrelayError, leaves, split
 from mcrelay.ipc import messages as m
+from mcrelay.rule_diff import RuleDiff
 from mcrelay.supervisor import DEFAULTS as DAEMON
 from mcrelay.supervisor import MINIMUM, BadOption, DaemonOptions
 from mcrelay.system import DEFAULT_CONTROL_SOCKET, LOG_LEVELS, check_log_level
@@ -68,6 +72,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``mcrelay: MESSAGE`` on stderr; the exit to raise (1: a request or a write failed,
+    2: the command line or a file is wrong, or the daemon refuses to start: no restart helps)."""
     typer.echo(f"mcrelay: {message}", err=True)
     return typer.Exit(code=code)
 
@@ -473,8 +479,6 @@ def config_load(
     as_json: JsonOpt = False,
 ) -> None:
     """Make the daemon's rules equal to the file's; only the difference is applied."""
-    from mcrelay.supervisor.precedence import RuleDiff
-
     rules = _load_file(file)
     result = _call(socket, m.ReplaceRules(rules=rules, dry_run=dry_run))
     diff = RuleDiff.from_reply(result["added"], result["removed"], len(rules))

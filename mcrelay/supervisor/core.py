@@ -21,13 +21,14 @@ import trio_util
 from mcrelay import policy
 from mcrelay.errors import McrelayError, ProtocolError, RuleError
 from mcrelay.ipc import messages as m
+from mcrelay.rule_diff import RuleDiff
 from mcrelay.rules import Rule
 from mcrelay.supervisor import costs
 from mcrelay.supervisor.counter_pages import CounterPages
 from mcrelay.supervisor.launcher import Launcher, WorkerSpec
 from mcrelay.supervisor.memberships import max_memberships_per_socket
 from mcrelay.supervisor.persistence import RuleStore, StateNotDurable
-from mcrelay.supervisor.precedence import RuleDiff, Seed
+from mcrelay.supervisor.precedence import Seed
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerSlot
