@@ -43,3 +43,9 @@ def split(
     if isinstance(error, BaseExceptionGroup):
         return error.split(kind)
     return (error, None) if isinstance(error, kind) else (None, error)
+
+
+def describe(error: BaseException) -> str:
+    """Every leaf of ``error``, each as its message, joined by "; ": a log line that names all
+    the errors of a group (one error: just its message)."""
+    return "; ".join(str(leaf) for leaf in leaves(error))

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from mcrelay import config
-from mcrelay.errors import ConfigError, McrelayError, RuleError, SupervisorRunning, leaves
+from mcrelay.errors import ConfigError, McrelayError, RuleError, SupervisorRunning, describe
 from mcrelay.rules import Rule
 from mcrelay.supervisor import precedence
 from mcrelay.supervisor.core import DataPlane, Supervisor
@@ -211,8 +211,7 @@ async def serve(
                 await sup.wait_all_running()
                 notifier.ready(status_line(sup))
         except* WorkerFatal as group:
-            # Every worker that went fatal is named, in one line: two can fail at once.
-            why = "; ".join(str(error) for error in leaves(group))
+            why = describe(group)  # every worker that went fatal: two can fail at once
             log.critical("%s: exiting (--exit-on-fatal)", why)
             notifier.stopping(f"exiting: {why}")
             fatal = True

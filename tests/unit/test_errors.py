@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mcrelay import cli
-from mcrelay.errors import leaves, split
+from mcrelay.errors import describe, leaves, split
 
 
 def test_leaves_are_every_exception_in_order() -> None:
@@ -13,6 +13,8 @@ def test_leaves_are_every_exception_in_order() -> None:
     nested = BaseExceptionGroup("outer", [a, ExceptionGroup("inner", [b, c])])
     assert leaves(nested) == [a, b, c]
     assert leaves(a) == [a]
+    assert describe(nested) == "a; 'b'; c"
+    assert describe(a) == "a"
 
 
 def test_split_parts_groups_and_plain_exceptions() -> None:
