@@ -24,8 +24,7 @@ from mcrelay.rule_diff import RuleDiff
 from mcrelay.supervisor import DEFAULTS as DAEMON
 from mcrelay.supervisor import MINIMUM, BadOption, DaemonOptions
 from mcrelay.system import DEFAULT_CONTROL_SOCKET, LOG_LEVELS, check_log_level
-from mcrelay.tools.commands import gen_command, sink_command
-from mcrelay.tools.top import top_command
+from mcrelay.tools import gen_command, sink_command, top_command
 
 app = typer.Typer(
     name="mcrelay",
