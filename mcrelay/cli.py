@@ -1,15 +1,15 @@
 """The ``mcrelay`` command: the daemon, the client commands, and the traffic tools.
 
 Each command is synchronous and runs trio itself. Errors reach the user as one line on stderr
-and a non-zero exit code, never as a traceback.
+(one per error when several happened at once) and a non-zero exit code, never as a traceback.
+The ``supervisor`` command is `mcrelay.daemon_command`; the client commands here talk to the
+daemon through `mcrelay.client` alone.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -17,15 +17,13 @@ import typer
 
 from mcrelay import __version__, client, config
 from mcrelay import rules as rules_mod
-from mcrelay.errors import McrelayError
+from mcrelay.daemon_command import supervisor_command
+from mcrelay.errors import McrelayError, leaves, split
 from mcrelay.ipc import messages as m
 from mcrelay.ipc import replies
-from mcrelay.supervisor.persistence import DEFAULT_STATE_DIR
-from mcrelay.supervisor.settings import DEFAULT_CONTROL_SOCKET
-from mcrelay.system.logs import LOG_LEVELS
-from mcrelay.system.privileges import DEFAULT_CONTROL_USER, DEFAULT_DATA_USER
-from mcrelay.tools.commands import gen_command, sink_command
-from mcrelay.tools.top import top_command
+from mcrelay.rule_diff import RuleDiff
+from mcrelay.system import DEFAULT_CONTROL_SOCKET, LOG_LEVELS, check_log_level
+from mcrelay.tools import gen_command, sink_command, top_command
 
 app = typer.Typer(
     name="mcrelay",
@@ -38,6 +36,7 @@ app = typer.Typer(
 app.command("gen")(gen_command)
 app.command("sink")(sink_command)
 app.command("top")(top_command)
+app.command("supervisor")(supervisor_command)
 config_app = typer.Typer(help="Show, check, load and save rule files (TOML).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -72,6 +71,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``mcrelay: MESSAGE`` on stderr; the exit to raise (1: a request or a write failed,
+    2: the command line or a file is wrong)."""
     typer.echo(f"mcrelay: {message}", err=True)
     return typer.Exit(code=code)
 
@@ -104,245 +105,6 @@ def _table(headers: list[str], rows: list[list[Any]]) -> None:
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-# --- the daemon -------------------------------------------------------------------------------
-
-
-def _metrics_listen(value: str | None) -> str | None:
-    from mcrelay.system.metrics import parse_listen
-
-    if value is not None:
-        try:
-            parse_listen(value)
-        except McrelayError as exc:
-            raise typer.BadParameter(str(exc)) from None
-    return value
-
-
-@app.command()
-def supervisor(
-    control_socket: Annotated[
-        Path, typer.Option(help="Where to create the control socket.")
-    ] = DEFAULT_CONTROL_SOCKET,
-    num_workers: Annotated[
-        int | None, typer.Option(help="Data-plane workers [default: number of CPUs].", min=1)
-    ] = None,
-    config_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            help="Rules from this TOML file: applied at start and on SIGHUP when it changed "
-            "since the saved table was made from it (docs/configuration.md).",
-        ),
-    ] = None,
-    keep_runtime_rules: Annotated[
-        bool,
-        typer.Option(
-            help="When the --config file changed, keep the rules added at runtime (not from "
-            "the file) on top of its rules [default: dropped, and logged]."
-        ),
-    ] = False,
-    state_dir: Annotated[
-        Path, typer.Option(help="Where the rule table is saved on every change and restored from.")
-    ] = DEFAULT_STATE_DIR,
-    log_level: Annotated[str, typer.Option(help=f"One of {', '.join(LOG_LEVELS)}.")] = "info",
-    socket_group: Annotated[
-        str | None,
-        typer.Option(help="Group whose members may use the control socket [default: root only]."),
-    ] = None,
-    read_group: Annotated[
-        str | None,
-        typer.Option(
-            help="Group whose members may only read: ping, workers, rules, stats, log level "
-            "[default: none]."
-        ),
-    ] = None,
-    allow_input_interface: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="IF",
-            help="Rules may capture only on these interfaces (repeat) [default: any but lo].",
-        ),
-    ] = None,
-    allow_output: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="PREFIX[:PORTS][%IF]",
-            help="Outputs may only go to these destinations (repeat), e.g. 239.0.0.0/8, "
-            "10.1.0.0/16:6000-6099%eth2 [default: anywhere but loopback].",
-        ),
-    ] = None,
-    allow_host_input: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="PREFIX[:PORTS][%IF]",
-            help="Rules may capture these addresses of this host (repeat; 0.0.0.0/0: all) "
-            "[default: none].",
-        ),
-    ] = None,
-    allow_loopback: Annotated[
-        bool,
-        typer.Option(help="Allow lo and 127.0.0.0/8 as inputs and outputs [default: refused]."),
-    ] = False,
-    user: Annotated[
-        str,
-        typer.Option(
-            help="User the data workers run as (when started as root; a missing default user "
-            "is replaced by an unused uid)."
-        ),
-    ] = DEFAULT_DATA_USER,
-    control_user: Annotated[
-        str,
-        typer.Option(
-            help="User the control worker runs as (when started as root; a missing default "
-            "user is replaced by an unused uid)."
-        ),
-    ] = DEFAULT_CONTROL_USER,
-    unsafe_keep_worker_root: Annotated[
-        bool,
-        typer.Option(
-            help="UNSAFE: start even if workers cannot switch away from root's uid (they still "
-            "lose every capability, but a worker bug then owns root's files)."
-        ),
-    ] = False,
-    pin_workers: Annotated[
-        bool,
-        typer.Option(help="Pin data worker i to CPU i (distinct CPUs while enough)."),
-    ] = False,
-    exit_on_fatal: Annotated[
-        bool, typer.Option(help="Exit non-zero when a worker exceeds its restart intensity.")
-    ] = False,
-    backoff_initial: Annotated[
-        float, typer.Option(help="First restart delay, seconds.", min=0.001)
-    ] = 0.25,
-    backoff_max: Annotated[
-        float, typer.Option(help="Restart delay cap, seconds.", min=0.001)
-    ] = 16.0,
-    stable_after: Annotated[
-        float, typer.Option(help="Run time after which the restart delay resets, seconds.", min=0)
-    ] = 30.0,
-    heartbeat_timeout: Annotated[
-        float, typer.Option(help="A worker silent this long is killed, seconds.", min=0.1)
-    ] = 3.0,
-    max_failures: Annotated[
-        int, typer.Option(help="More failures than this within --failure-window: fatal.", min=1)
-    ] = 10,
-    failure_window: Annotated[
-        float, typer.Option(help="Window for --max-failures, seconds.", min=1)
-    ] = 60.0,
-    metrics_listen: Annotated[
-        str | None,
-        typer.Option(
-            metavar="ADDR:PORT",
-            callback=_metrics_listen,
-            help="Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off].",
-        ),
-    ] = None,
-) -> None:
-    """Run the daemon in the foreground (systemd does the daemonizing)."""
-    import trio
-
-    from mcrelay.policy import AccessPolicy
-    from mcrelay.supervisor.backoff import BackoffPolicy
-    from mcrelay.supervisor.dataplane import KernelDataPlane
-    from mcrelay.supervisor.launcher import SpawnerLauncher, WorkerUsers
-    from mcrelay.supervisor.main import run_daemon
-    from mcrelay.supervisor.persistence import RuleStore
-    from mcrelay.supervisor.settings import SupervisorSettings
-    from mcrelay.system.logs import setup_logging
-    from mcrelay.system.process import raise_open_file_limit
-
-    if log_level not in LOG_LEVELS:
-        raise typer.BadParameter(f"use one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
-    if backoff_max < backoff_initial:
-        raise typer.BadParameter("must be at least --backoff-initial", param_hint="--backoff-max")
-    setup_logging(log_level, "mcrelay: supervisor")
-    socket_gid = _group_id(socket_group, "--socket-group")
-    read_gid = _group_id(read_group, "--read-group")
-    try:
-        initial = config.load(config_file) if config_file else ()
-        policy = AccessPolicy.from_options(
-            input_interfaces=allow_input_interface or (),
-            outputs=allow_output or (),
-            host_inputs=allow_host_input or (),
-            allow_loopback=allow_loopback,
-        )
-    except McrelayError as exc:
-        raise fail(str(exc), 2) from None
-    settings = SupervisorSettings(
-        control_socket=control_socket,
-        num_workers=num_workers or os.cpu_count() or 1,
-        backoff=BackoffPolicy(backoff_initial, backoff_max, stable_after),
-        max_failures=max_failures,
-        failure_window=failure_window,
-        exit_on_fatal=exit_on_fatal,
-        pin_workers=pin_workers,
-        keep_runtime_rules=keep_runtime_rules,
-        worker_user=user,
-        control_user=control_user,
-        unsafe_keep_worker_root=unsafe_keep_worker_root,
-        socket_gid=socket_gid,
-        read_gid=read_gid,
-        policy=policy,
-        heartbeat_timeout=heartbeat_timeout,
-        heartbeat_interval=min(1.0, heartbeat_timeout / 3),
-        log_level=log_level,
-    )
-    launcher: SpawnerLauncher | None = None
-    try:
-        # Before the spawner: it and every worker inherit the raised open-file limit.
-        raise_open_file_limit()
-        # Before the trio loop: the spawner is the only process that forks workers.
-        users = WorkerUsers.resolve(user, control_user, keep_root=unsafe_keep_worker_root)
-        launcher = SpawnerLauncher(users)
-        launcher.start()
-        code = trio.run(
-            partial(
-                run_daemon,
-                settings,
-                launcher,
-                initial_rules=initial,
-                dataplane=KernelDataPlane(),
-                config_file=config_file,
-                store=RuleStore(state_dir),
-                metrics_listen=metrics_listen,
-            )
-        )
-    except (McrelayError, OSError, ExceptionGroup) as exc:
-        message = _start_refusal(exc)
-        if message is None:
-            raise
-        raise fail(message, 2) from None
-    finally:
-        if launcher is not None:
-            launcher.close()
-    raise typer.Exit(code)
-
-
-def _start_refusal(exc: BaseException) -> str | None:
-    """The sentence for a daemon that cannot start, or None for anything else (a bug). A refusal
-    raised inside the daemon's task tree arrives in an exception group: every part is said."""
-    if isinstance(exc, McrelayError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return f"cannot start: {exc}"
-    if isinstance(exc, BaseExceptionGroup):
-        parts = [_start_refusal(e) for e in exc.exceptions]
-        if parts and all(parts):
-            return "; ".join(p for p in parts if p)
-    return None
-
-
-def _group_id(name: str | None, option: str) -> int | None:
-    if name is None:
-        return None
-    import grp
-
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise fail(f"{option} {name}: no such group", 2) from None
 
 
 # --- client commands --------------------------------------------------------------------------
@@ -478,8 +240,11 @@ def log_level_cmd(
     socket: SocketOpt = DEFAULT_CONTROL_SOCKET,
 ) -> None:
     """Show or change the log level of every mcrelay process."""
-    if level is not None and level not in LOG_LEVELS:
-        raise fail(f"unknown log level {level!r} (use {', '.join(LOG_LEVELS)})", 2)
+    if level is not None:
+        try:
+            check_log_level(level)
+        except McrelayError as exc:
+            raise fail(str(exc), 2) from None
     result = _call(socket, m.LogLevel(level=level))
     typer.echo(result.level)
 
@@ -538,8 +303,6 @@ def config_load(
     as_json: JsonOpt = False,
 ) -> None:
     """Make the daemon's rules equal to the file's; only the difference is applied."""
-    from mcrelay.supervisor.precedence import RuleDiff
-
     rules = _load_file(file)
     result = _call(socket, m.ReplaceRules(rules=rules, dry_run=dry_run))
     diff = RuleDiff.from_reply(result.added, result.removed, len(rules))
@@ -588,13 +351,20 @@ def config_save(
 
 
 def main() -> None:
-    """Console entry point: nothing but a one-line message escapes to the user."""
+    """Console entry point: nothing but one-line messages escape to the user. Ctrl-C (alone, or
+    inside a group with nothing else) is exit code 130; a bug is each of its errors on a line
+    of its own and exit code 70."""
     try:
         app()
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:  # last resort: a bug must still not print a traceback
-        while isinstance(exc, ExceptionGroup):
-            exc = exc.exceptions[0]
-        typer.echo(f"mcrelay: internal error: {type(exc).__name__}: {exc}", err=True)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # last resort: a bug must still not print a traceback
+        _, rest = split(exc, KeyboardInterrupt)
+        if rest is None:
+            sys.exit(130)
+        bugs = leaves(rest)
+        if not all(isinstance(bug, Exception) for bug in bugs):
+            raise  # e.g. GeneratorExit: not ours to explain
+        for bug in bugs:
+            typer.echo(f"mcrelay: internal error: {type(bug).__name__}: {bug}", err=True)
         sys.exit(70)

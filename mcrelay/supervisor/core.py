@@ -22,20 +22,21 @@ from mcrelay.errors import McrelayError, ProtocolError, RuleError
 from mcrelay.ipc import messages as m
 from mcrelay.ipc import replies as r
 from mcrelay.ipc.vocabulary import RuleState
+from mcrelay.rule_diff import RuleDiff
 from mcrelay.rules import Rule
 from mcrelay.supervisor import costs
 from mcrelay.supervisor.counter_pages import CounterPages
 from mcrelay.supervisor.launcher import Launcher, WorkerSpec
 from mcrelay.supervisor.memberships import max_memberships_per_socket
 from mcrelay.supervisor.persistence import RuleStore, StateNotDurable
-from mcrelay.supervisor.precedence import RuleDiff, Seed
+from mcrelay.supervisor.precedence import Seed
 from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerSlot
 from mcrelay.supervisor.states import WorkerState
 from mcrelay.supervisor.stats import StatsBook
 from mcrelay.system.addresses import host_addresses, is_loopback_interface
-from mcrelay.system.logs import LOG_LEVELS, set_log_level
+from mcrelay.system.logs import check_log_level, set_log_level
 from mcrelay.system.netlink import interface_exists
 from mcrelay.worker.control import REQUEST_TIMEOUT
 
@@ -501,9 +502,7 @@ class Supervisor:
         raise McrelayError(f"unsupported request {type(request).__name__}")
 
     async def set_log_level(self, level: str) -> None:
-        if level not in LOG_LEVELS:
-            raise McrelayError(f"unknown log level {level!r} (use {', '.join(LOG_LEVELS)})")
-        set_log_level(level)
+        set_log_level(check_log_level(level))
         self.log_level.value = level
         await send_each(list(self.slots.values()), m.SetLogLevel(level=level))
 

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from mcrelay import config
-from mcrelay.errors import ConfigError, McrelayError, RuleError, SupervisorRunning
+from mcrelay.errors import ConfigError, McrelayError, RuleError, SupervisorRunning, describe
 from mcrelay.rules import Rule
 from mcrelay.supervisor import precedence
 from mcrelay.supervisor.core import DataPlane, Supervisor
@@ -211,8 +211,9 @@ async def serve(
                 await sup.wait_all_running()
                 notifier.ready(status_line(sup))
         except* WorkerFatal as group:
-            log.critical("%s: exiting (--exit-on-fatal)", leaf(group))
-            notifier.stopping(f"exiting: {leaf(group)}")
+            why = describe(group)  # every worker that went fatal: two can fail at once
+            log.critical("%s: exiting (--exit-on-fatal)", why)
+            notifier.stopping(f"exiting: {why}")
             fatal = True
         finally:
             sup.dataplane.close()
@@ -305,13 +306,6 @@ def _log_outcome(
     what = precedence.describe(outcome)
     rules = precedence.plural_rules(count) + (" applies" if count == 1 else " apply")
     log.log(level, "%s%s: its %s: %s", prefix, why, rules, what)
-
-
-def leaf(error: BaseException) -> BaseException:
-    """The first real exception inside (possibly nested) exception groups."""
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
 
 
 async def _handle_signals(

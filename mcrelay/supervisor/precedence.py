@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 
 from mcrelay import rules as rules_mod
+from mcrelay.rule_diff import RuleDiff
 from mcrelay.rules import Rule
 
 #: Rule ids named in a log line before the rest are only counted.
@@ -38,41 +39,6 @@ class Seed:
 
 
 @dataclasses.dataclass(frozen=True)
-class RuleDiff:
-    """Ids that a change from one rule set to another adds, removes and changes."""
-
-    added: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-    changed: tuple[str, ...] = ()
-    unchanged: int = 0
-
-    def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.changed)
-
-    @classmethod
-    def between(cls, before: Iterable[Rule], after: Iterable[Rule]) -> RuleDiff:
-        old = {r.id: r for r in before}
-        new = {r.id: r for r in after}
-        return cls(
-            added=tuple(sorted(new.keys() - old.keys())),
-            removed=tuple(sorted(old.keys() - new.keys())),
-            changed=tuple(sorted(i for i in new.keys() & old.keys() if new[i] != old[i])),
-            unchanged=sum(1 for i in new.keys() & old.keys() if new[i] == old[i]),
-        )
-
-    @classmethod
-    def from_reply(cls, added: Sequence[str], removed: Sequence[str], total: int) -> RuleDiff:
-        """From a ReplaceRules result, whose ``added`` and ``removed`` both list changed ids."""
-        changed = set(added) & set(removed)
-        return cls(
-            added=tuple(sorted(set(added) - changed)),
-            removed=tuple(sorted(set(removed) - changed)),
-            changed=tuple(sorted(changed)),
-            unchanged=total - len(set(added)),
-        )
-
-
-@dataclasses.dataclass(frozen=True)
 class Outcome:
     """The rule set to run with, the seed to record with it, and what to say about it."""
 
@@ -82,7 +48,7 @@ class Outcome:
     file_unchanged: bool
     #: The table recorded no seed at all (saved by an older mcrelay, or never from a file).
     no_seed: bool = False
-    diff: RuleDiff = RuleDiff()
+    diff: RuleDiff = dataclasses.field(default_factory=RuleDiff)
     kept: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
     #: Runtime rules dropped although kept by choice: their input is one of the file's.

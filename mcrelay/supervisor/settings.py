@@ -1,4 +1,8 @@
-"""Tunables of the supervisor, with the defaults documented in docs/reference.md."""
+"""Tunables of the supervisor, with the defaults documented in docs/reference.md.
+
+This is where those defaults are written: `mcrelay.supervisor.options` reads them for
+``mcrelay supervisor`` (and its ``--help``) instead of writing them again.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from pathlib import Path
 
 from mcrelay.policy import AccessPolicy
 from mcrelay.supervisor.backoff import BackoffPolicy
+from mcrelay.system.paths import DEFAULT_CONTROL_SOCKET
 from mcrelay.system.privileges import DEFAULT_CONTROL_USER, DEFAULT_DATA_USER
 
-DEFAULT_CONTROL_SOCKET = Path("/run/mcrelay/control.sock")
+__all__ = ["DEFAULT_CONTROL_SOCKET", "SupervisorSettings"]
 
 
 @dataclasses.dataclass(frozen=True)

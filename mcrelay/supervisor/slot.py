@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol
 import trio
 import trio_util
 
-from mcrelay.errors import ChannelClosed, McrelayError, ProtocolError
+from mcrelay.errors import ChannelClosed, McrelayError, ProtocolError, describe
 from mcrelay.ipc.messages import PROTOCOL_VERSION, Heartbeat, HeartbeatAck, Hello, Stop
 from mcrelay.ipc.replies import WorkerInfo
 from mcrelay.supervisor.backoff import RestartIntensity
@@ -438,7 +438,7 @@ class WorkerSlot:
             )
             launched.kill()
         except* ProtocolError as group:
-            log.error("worker %s broke the protocol: %s", self.id, group.exceptions[0])
+            log.error("worker %s broke the protocol: %s", self.id, describe(group))
             launched.kill()
         except* ChannelClosed:
             # Usually the worker is exiting: its exit (seen by _run_once, which then cancels

@@ -5,7 +5,21 @@ from __future__ import annotations
 import logging
 import sys
 
+from mcrelay.errors import McrelayError
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class UnknownLogLevel(McrelayError):
+    """A log level that is not one of :data:`LOG_LEVELS`; the message lists the valid ones."""
+
+
+def check_log_level(level: str) -> str:
+    """``level`` when valid, else UnknownLogLevel: the one sentence the CLI, the supervisor and
+    the control worker all give for a bad level."""
+    if level not in LOG_LEVELS:
+        raise UnknownLogLevel(f"unknown log level {level!r} (use {', '.join(LOG_LEVELS)})")
+    return level
 
 
 def setup_logging(level: str, process_name: str) -> None:

@@ -5,6 +5,9 @@ open, chmod or rename (a symlink to /etc/shadow, say). So the socket and state d
 be owned by root or by the supervisor's own uid and must not be world-writable unless sticky;
 files in them are opened without following a symlink at the last component, and temporary files
 get an unpredictable name created exclusively.
+
+The control socket's default path lives here too: the daemon creates it and every client
+connects to it, so both import it from this neutral place.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import stat
 from pathlib import Path
 
 from mcrelay.errors import McrelayError
+
+#: Where the daemon listens and clients connect unless told otherwise (packaging/systemd agrees).
+DEFAULT_CONTROL_SOCKET = Path("/run/mcrelay/control.sock")
 
 # A new file is created, never reused, and a symlink at its name is never followed.
 EXCLUSIVE_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

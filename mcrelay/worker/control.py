@@ -28,7 +28,7 @@ from mcrelay.ipc.framing import (
     ReassemblyBudget,
 )
 from mcrelay.system.accept import accept_retrying
-from mcrelay.system.logs import LOG_LEVELS
+from mcrelay.system.logs import check_log_level
 from mcrelay.system.peers import Role, denied, peer_credentials, request_refusal, role_of
 
 log = logging.getLogger("mcrelay.control")
@@ -242,7 +242,7 @@ def _validate(request: object) -> None:
         case m.ReplaceRules(rules=new_rules):
             for rule in new_rules:
                 rules.validate(rule)
-        case m.LogLevel(level=level) if level is not None and level not in LOG_LEVELS:
-            raise McrelayError(f"unknown log level {level!r} (use {', '.join(LOG_LEVELS)})")
+        case m.LogLevel(level=str() as level):
+            check_log_level(level)
         case m.RemoveRule(id=rule_id) | m.RestartWorker(id=rule_id) if not rule_id:
             raise McrelayError("an id is required")

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import trio
 
-from mcrelay.errors import ChannelClosed, ProtocolError
+from mcrelay.errors import ChannelClosed, ProtocolError, describe
 from mcrelay.ipc import messages as m
 from mcrelay.ipc.framing import FrameChannel
 from mcrelay.system.logs import setup_logging
@@ -89,7 +89,7 @@ async def _run(kind: m.WorkerKind, worker_id: str, fd: int, faults: frozenset[st
     except* ChannelClosed:
         log.info("supervisor went away: exiting")
     except* ProtocolError as group:
-        log.error("protocol error from supervisor: %s", group.exceptions[0])
+        log.error("protocol error from supervisor: %s", describe(group))
         code = 2
     finally:
         channel.close()

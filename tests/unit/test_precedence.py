@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from mcrelay import config
+from mcrelay.rule_diff import RuleDiff
 from mcrelay.rules import Rule, make_rule, parse_output
 from mcrelay.supervisor.persistence import RuleStore, UnreadableState
-from mcrelay.supervisor.precedence import RuleDiff, Seed, decide, describe, name_ids
+from mcrelay.supervisor.precedence import Seed, decide, describe, name_ids
 
 
 def rule(rule_id: str, n: int, out: str = "239.9.9.9:6000:o") -> Rule:
