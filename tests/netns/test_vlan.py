@@ -152,10 +152,18 @@ def test_tagged_frames_for_a_rule_without_vlan_are_counted_not_relayed(
         run_gen(chain.gen, GROUP, PORT, "--rate", "5000", "--count", "500")
         report = untagged.result()
     assert (report["received"], report["lost"]) == (500, 0)
-    drops = wait_for(lambda: (d := stats(relay)["drops"]).get("no_rule", 0) >= 500 and d)
-    print("drops:", drops)
-    assert drops["no_rule"] == 500
-    assert packets_in(relay)["untagged"] == 500
+    # Each worker reports its counts once a second: the drops and the rule's input may come
+    # from different workers, so wait until both have reported.
+    seen = wait_for(
+        lambda: (
+            (s := stats(relay))["drops"].get("no_rule", 0) >= 500
+            and {r["id"]: r["packets_in"] for r in s["rules"]}["untagged"] >= 500
+            and s
+        )
+    )
+    print("drops:", seen["drops"])
+    assert seen["drops"]["no_rule"] == 500
+    assert {r["id"]: r["packets_in"] for r in seen["rules"]}["untagged"] == 500
 
 
 # 2 to 8 tags, 802.1ad and 802.1Q outermost, the outer one of VLAN 200 (a rule names it) or not.
