@@ -9,27 +9,14 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from mcrelay import client
 from mcrelay.ipc import messages as m
-
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T | None], timeout: float = 5.0, interval: float = 0.02) -> T:
-    """Poll until ``predicate`` returns something truthy; fail clearly at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
+from tests.lab.processes import end_process
+from tests.lab.processes import wait_for as wait_for  # re-exported for the tests
 
 
 def pid_alive(pid: int) -> bool:
@@ -184,13 +171,7 @@ def daemon(
             assert proc.poll() is None, log.read_text()
         yield d
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_process(proc, signal.SIGTERM)
         for pid in d.seen_worker_pids:  # only workers this test's daemon started
             if pid_alive(pid) and is_worker(pid):
                 with contextlib.suppress(ProcessLookupError):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tests.lab import topology
+from tests.lab.processes import end_process
 from tests.lab.relay import gen, sink
 
 GROUP, PORT, OUT_GROUP, OUT_PORT = "239.1.1.1", 5000, "239.2.2.2", 5001
@@ -115,12 +116,7 @@ def main(mcrelay: str) -> None:
             run("stats")
         finally:
             say("stopping mcrelay (SIGTERM) and removing the namespaces")
-            sup.send_signal(signal.SIGTERM)
-            try:
-                sup.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                sup.kill()
-                sup.wait()
+            end_process(sup, signal.SIGTERM)
             log.close()
         print("supervisor exited with", sup.returncode)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import topology
+from tests.lab.processes import end_process
 
 pytestmark = [
     pytest.mark.netns,
@@ -62,13 +63,8 @@ def test_soak_60s_keeps_its_invariants() -> None:
         out, err = proc.communicate(timeout=60)
         pytest.fail(f"the soak did not finish within {TIMEOUT_S} s:\n{err[-4000:]}")
     finally:
-        if proc.poll() is None:  # e.g. pytest itself was interrupted: let the soak clean up
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        # e.g. pytest itself was interrupted: let the soak clean up
+        end_process(proc, signal.SIGINT, grace=60)
     print(err)  # progress lines and the human report (pytest shows it with -s or on failure)
     assert proc.returncode in (0, 1), err[-4000:]
     report = json.loads(out)

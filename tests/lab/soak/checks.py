@@ -7,12 +7,12 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+from tests.lab.processes import poll
 from tests.lab.soak.procs import (
     alive,
     cmdline,
     is_spawner_of,
     is_worker_cmdline,
-    poll,
     proc_stat,
     socket_files,
     state_of,

@@ -18,21 +18,12 @@ from mcrelay import rules as rules_mod
 from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
 from tests.lab import topology
+from tests.lab.processes import end_process, poll
 from tests.lab.relay import gen
 from tests.lab.soak import faults
 from tests.lab.soak.booking import as_booked
 from tests.lab.soak.events import Event
-from tests.lab.soak.procs import (
-    Ident,
-    alive,
-    end_process,
-    ident_of,
-    poll,
-    send_signal,
-    spawners_of,
-    state_of,
-    usage,
-)
+from tests.lab.soak.procs import Ident, alive, ident_of, send_signal, spawners_of, state_of, usage
 from tests.lab.soak.relay import Relay
 from tests.lab.soak.report import fmt, nonzero
 from tests.lab.soak.settings import (

@@ -8,13 +8,13 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
+from tests.lab.processes import poll
 from tests.lab.soak.booking import bulk_rule
 from tests.lab.soak.events import Event
 from tests.lab.soak.procs import (
     Ident,
     alive,
     ident_of,
-    poll,
     reap_wait,
     send_signal,
     socket_files,

@@ -7,13 +7,10 @@ import contextlib
 import os
 import re
 import signal
-import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from tests.lab import topology
+from tests.lab.processes import poll
 
 Ident = tuple[int, int]  # (pid, start time in clock ticks): a process, never a recycled pid
 
@@ -134,29 +131,6 @@ def reap_wait(ident: Ident, timeout: float) -> None:
         return state_of(ident) != "Z"
 
     poll(reaped, timeout)
-
-
-def poll(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    """Poll until ``predicate`` returns something truthy; None at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(interval)
-
-
-def end_process(proc: subprocess.Popen[Any], sig: int = signal.SIGKILL, grace: float = 5) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 # --- the relay under test -------------------------------------------------------------------

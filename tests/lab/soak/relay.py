@@ -18,7 +18,8 @@ from mcrelay import client
 from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
 from tests.lab import topology
-from tests.lab.soak.procs import Ident, cmdline, end_process, ident_of, poll
+from tests.lab.processes import end_process, poll
+from tests.lab.soak.procs import Ident, cmdline, ident_of
 from tests.lab.soak.settings import REQUEST_DEADLINE_S, SAMPLE_EVERY_S, SUPERVISOR_ARGS
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.lab import topology
+from tests.lab.processes import end_process
 from tests.lab.relay import mcrelay
-from tests.lab.soak.procs import end_process
 from tests.lab.soak.settings import OUT_PORT, SEGMENT_MAX_S, STREAMS
 
 
