@@ -33,14 +33,8 @@ from mcrelay.errors import ChannelClosed, McrelayError, ProtocolError
 from mcrelay.ipc import spawn as sp
 from mcrelay.ipc.framing import FrameChannel
 from mcrelay.ipc.messages import WorkerKind, WorkerToSupervisor
-from mcrelay.system.privileges import (
-    DEFAULT_CONTROL_USER,
-    DEFAULT_DATA_USER,
-    Identity,
-    PrivilegeError,
-    check_supervisor,
-    resolve_user,
-)
+from mcrelay.supervisor.worker_users import WorkerUsers
+from mcrelay.system.privileges import PrivilegeError, check_supervisor
 from mcrelay.worker.faults import faults_for
 
 log = logging.getLogger("mcrelay.supervisor")
@@ -95,30 +89,6 @@ def worker_environment() -> dict[str, str]:
     for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
         env.pop(key, None)
     return env
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerUsers:
-    """Who each kind of worker runs as; None keeps the supervisor's (unprivileged) user."""
-
-    control: Identity | None
-    data: Identity | None
-    #: Run workers as root if switching users fails (they still lose every capability).
-    keep_root: bool = False
-
-    @classmethod
-    def resolve(cls, data_user: str, control_user: str, *, keep_root: bool) -> WorkerUsers:
-        if os.geteuid() != 0:
-            return cls(None, None, keep_root)
-        data = resolve_user(data_user, default=data_user == DEFAULT_DATA_USER)
-        control = resolve_user(control_user, default=control_user == DEFAULT_CONTROL_USER)
-        if data.uid == control.uid:
-            log.warning(
-                "the control and data workers share uid %d: they cannot ptrace each other "
-                "(not dumpable) but can signal each other",
-                data.uid,
-            )
-        return cls(control, data, keep_root)
 
 
 _Reply = tuple[sp.Spawned | sp.SpawnFailed, list[int]]

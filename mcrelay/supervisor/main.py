@@ -22,7 +22,7 @@ from mcrelay import config
 from mcrelay.errors import ConfigError, McrelayError, RuleError, SupervisorRunning, describe
 from mcrelay.rules import Rule
 from mcrelay.supervisor import precedence
-from mcrelay.supervisor.core import DataPlane, Supervisor
+from mcrelay.supervisor.core import CapturePlumbing, Supervisor
 from mcrelay.supervisor.launcher import Launcher, SpawnerLauncher
 from mcrelay.supervisor.persistence import (
     RuleStore,
@@ -156,7 +156,7 @@ async def serve(
     launcher: Launcher,
     *,
     initial_rules: tuple[Rule, ...] = (),
-    dataplane: DataPlane,
+    captures: CapturePlumbing,
     config_file: Path | None = None,
     store: RuleStore | None = None,
     metrics_listen: str | None = None,
@@ -181,7 +181,7 @@ async def serve(
             launcher,
             table=RuleTable(),
             listen_fd=listener.fileno(),
-            dataplane=dataplane,
+            captures=captures,
             store=store,
         )
         for line in settings.policy.describe():
@@ -216,7 +216,7 @@ async def serve(
             notifier.stopping(f"exiting: {why}")
             fatal = True
         finally:
-            sup.dataplane.close()
+            sup.captures.close()
             sup.counter_pages.close()
     if fatal:
         return 3

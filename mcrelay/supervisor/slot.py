@@ -15,6 +15,7 @@ import errno
 import logging
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import trio
@@ -37,8 +38,24 @@ class WorkerFatal(McrelayError):
     """A worker exceeded its restart intensity and the supervisor was told to give up."""
 
 
+@dataclass(frozen=True)
+class RuleHoldings:
+    """What a data worker holds of the rule table, as `mcrelay workers` shows it."""
+
+    #: Rules in its last matching acknowledgement (None: none yet from this process).
+    rules: int | None
+    #: Digest of that rule set.
+    digest: str | None
+    #: How many of them it could not install.
+    failed_rules: int
+
+
 class SlotRole(Protocol):
     """What differs between control-plane and data-plane workers."""
+
+    def starting(self, slot: WorkerSlot) -> None:
+        """A new process is about to be started: forget what the previous one held."""
+        ...
 
     async def provision(self, slot: WorkerSlot) -> None:
         """Hand the new worker what it must hold; return once it has acknowledged it."""
@@ -52,28 +69,9 @@ class SlotRole(Protocol):
         """Worker process ``pid`` has been reaped: drop what the supervisor held for it."""
         ...
 
-
-class ResyncBudget:
-    """Full resyncs sent to one worker process since it last agreed with the table."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.pending = False
-        self._last: float | None = None
-
-    def schedule(self, now: float, interval: float) -> float | None:
-        """Seconds until the next resync may go (counted as one more), or None when one is
-        already waiting to go: however many wrong acks arrive, one resync per ``interval``."""
-        if self.pending:
-            return None
-        self.pending = True
-        self.count += 1
-        return 0.0 if self._last is None else max(0.0, self._last + interval - now)
-
-    def sent(self, now: float) -> None:
-        """The resync is being sent: an ack disagreeing after this may schedule the next."""
-        self.pending = False
-        self._last = now
+    def holdings(self, slot: WorkerSlot) -> RuleHoldings | None:
+        """What the worker holds of the rule table (None: it holds no rules)."""
+        ...
 
 
 class WorkerSlot:
@@ -95,9 +93,6 @@ class WorkerSlot:
         self.restarts = 0
         self.consecutive_failures = 0
         self.intensity = RestartIntensity(settings.max_failures, settings.failure_window)
-        #: Highest rule-table seq this worker acknowledged with a matching digest.
-        self.acked_seq: trio_util.AsyncValue[int] = trio_util.AsyncValue(-1)
-        self.rule_count: int | None = None
         self.channel_ready = False
         self._launched: Launched | None = None
         self._run_nursery: trio.Nursery | None = None
@@ -113,11 +108,6 @@ class WorkerSlot:
         self._exited = trio.Event()
         #: Bumped for every process the slot starts; tells a reply's worker from its successor.
         self.incarnation = 0
-        #: Digest of the rule set the worker last acknowledged (data workers).
-        self.rule_digest: str | None = None
-        #: Rules the worker holds but could not install (rule id → why), from its last ack.
-        self.failed_rules: dict[str, str] = {}
-        self.resyncs = ResyncBudget()
 
     @property
     def id(self) -> str:
@@ -133,16 +123,16 @@ class WorkerSlot:
         remaining = None
         if self._backoff_deadline is not None:
             remaining = round(max(0.0, self._backoff_deadline - trio.current_time()), 3)
-        data = self.spec.kind == "data"
+        held = self._role.holdings(self)
         return WorkerInfo(
             id=self.id,
             kind=self.spec.kind,
             pid=self.pid,
             state=self.state.value,
             restarts=self.restarts,
-            rules=self.rule_count if data else None,
-            digest=self.rule_digest if data else None,
-            failed_rules=len(self.failed_rules) if data else None,
+            rules=held.rules if held is not None else None,
+            digest=held.digest if held is not None else None,
+            failed_rules=held.failed_rules if held is not None else None,
             backoff_remaining_s=remaining,
             recent_failures=self.intensity.recent(trio.current_time()),
             state_moved_aside=state_moved_aside,
@@ -332,9 +322,7 @@ class WorkerSlot:
         self._restart_requested = False
         self.channel_ready = False
         self._hb_acked = trio_util.AsyncValue(0)
-        self.rule_digest = None
-        self.failed_rules = {}
-        self.resyncs = ResyncBudget()
+        self._role.starting(self)
         try:
             launched = await self._launcher.launch(self.spec)
         except (OSError, McrelayError) as exc:

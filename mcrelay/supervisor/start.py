@@ -1,10 +1,10 @@
 """Starting the daemon from its options: what ``mcrelay supervisor`` does after parsing.
 
 :func:`run` turns :class:`DaemonOptions` into settings, loads the ``--config`` rules, starts the
-worker spawner and runs the daemon with the kernel data plane until it stops. Everything that can
-refuse a start (a bad option, a missing group, a bad rule file, a taken socket, a policy line
-that does not parse, a port the metrics cannot bind) is raised as one sentence before or instead
-of a traceback, so the CLI only has to print it.
+worker spawner and runs the daemon with the kernel capture plumbing until it stops. Everything
+that can refuse a start (a bad option, a missing group, a bad rule file, a taken socket, a policy
+line that does not parse, a port the metrics cannot bind) is raised as one sentence before or
+instead of a traceback, so the CLI only has to print it.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import trio
 
 from mcrelay import config
 from mcrelay.errors import McrelayError, leaves
-from mcrelay.supervisor.dataplane import KernelDataPlane
-from mcrelay.supervisor.launcher import SpawnerLauncher, WorkerUsers
+from mcrelay.supervisor.captures import KernelCaptures
+from mcrelay.supervisor.launcher import SpawnerLauncher
 from mcrelay.supervisor.main import run_daemon
 from mcrelay.supervisor.options import DaemonOptions
 from mcrelay.supervisor.persistence import RuleStore
+from mcrelay.supervisor.worker_users import WorkerUsers
 from mcrelay.system.logs import setup_logging
 from mcrelay.system.process import raise_open_file_limit
 
@@ -51,7 +52,7 @@ def run(options: DaemonOptions) -> int:
                 settings,
                 launcher,
                 initial_rules=initial,
-                dataplane=KernelDataPlane(),
+                captures=KernelCaptures(),
                 config_file=options.config_file,
                 store=RuleStore(options.state_dir),
                 metrics_listen=options.metrics_listen,

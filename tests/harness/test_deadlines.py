@@ -12,7 +12,7 @@ import trio.lowlevel
 
 from mcrelay.ipc import messages as m
 from mcrelay.rules import Output, make_rule
-from mcrelay.supervisor.core import CHANGE_START_LIMIT
+from mcrelay.supervisor.control_role import CHANGE_START_LIMIT
 from mcrelay.supervisor.states import WorkerState
 from tests.harness import fakes
 from tests.harness.test_lifecycle import SETTINGS, rule, running
@@ -50,13 +50,13 @@ async def test_worker_that_stops_reading_is_killed_at_the_send_deadline(
         # timeout, 3 s), not left "running"; data-1 took the update meanwhile.
         assert stuck.killed_at is not None and stuck.killed_at - started <= 3.0
         assert took <= settings.heartbeat_timeout + settings.ack_timeout
-        assert sup.slots["data-1"].acked_seq.value == sup.table.seq
+        assert sup.data.sync["data-1"].acked_seq.value == sup.table.seq
         # The lock is free: the next change is made at once.
         t = trio.current_time()
         assert (await sup.execute(rule(1))).ok
         assert trio.current_time() - t < 0.1
         slot = sup.slots["data-0"]
-        await slot.acked_seq.wait_value(lambda v: v >= sup.table.seq)
+        await sup.data.sync[slot.id].acked_seq.wait_value(lambda v: v >= sup.table.seq)
         replacement = launcher.of("data-0")[1]
         assert replacement.impl is not None and len(replacement.impl.rules) == len(sup.table)
 

@@ -18,7 +18,7 @@ from mcrelay.supervisor.settings import SupervisorSettings
 from mcrelay.supervisor.slot import WorkerFatal
 from mcrelay.supervisor.states import WorkerState
 from tests.harness import fakes
-from tests.lab.fake_dataplane import NoDataPlane
+from tests.lab.fake_captures import NoCaptures
 
 SETTINGS = SupervisorSettings(num_workers=1, max_failures=1000)
 
@@ -33,7 +33,7 @@ async def running(
             launcher = fakes.FakeLauncher(fake_procs)
             for worker_id, behaviours in (script or {}).items():
                 launcher.script(worker_id, *behaviours)
-            sup = Supervisor(settings, launcher, dataplane=NoDataPlane())
+            sup = Supervisor(settings, launcher, captures=NoCaptures())
             async with trio.open_nursery() as nursery:
                 await nursery.start(sup.run)
                 yield sup, launcher
@@ -175,7 +175,7 @@ async def test_replacement_gets_every_rule_before_running(autojump_clock: trio.a
         assert replacement.impl is not None
         assert sorted(replacement.impl.rules) == sorted(r.id for r in sup.table.rules)
         assert slot.describe().rules == 2
-        assert slot.acked_seq.value == sup.table.seq
+        assert sup.data.sync[slot.id].acked_seq.value == sup.table.seq
 
 
 async def test_digest_mismatch_triggers_full_resync(autojump_clock: trio.abc.Clock) -> None:
@@ -185,7 +185,7 @@ async def test_digest_mismatch_triggers_full_resync(autojump_clock: trio.abc.Clo
         worker = launcher.of("data-0")[0]
         assert worker.lies == 1
         slot = sup.slots["data-0"]
-        await slot.acked_seq.wait_value(sup.table.seq)
+        await sup.data.sync[slot.id].acked_seq.wait_value(sup.table.seq)
         assert worker.impl is not None and list(worker.impl.rules) == [sup.table.rules[0].id]
 
 
@@ -197,7 +197,7 @@ async def test_rule_changes_during_startup_are_not_lost(autojump_clock: trio.abc
         await sup.wait_all_running()
         worker = launcher.of("data-0")[0]
         assert worker.impl is not None and len(worker.impl.rules) == 2
-        assert sup.slots["data-0"].acked_seq.value == sup.table.seq
+        assert sup.data.sync["data-0"].acked_seq.value == sup.table.seq
 
 
 async def test_a_worker_gone_without_a_known_status_is_restarted(

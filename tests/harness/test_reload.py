@@ -15,7 +15,7 @@ from mcrelay.supervisor.main import reload_config, start_rules
 from mcrelay.supervisor.persistence import RuleStore
 from mcrelay.supervisor.settings import SupervisorSettings
 from tests.harness import fakes
-from tests.lab.fake_dataplane import NoDataPlane
+from tests.lab.fake_captures import NoCaptures
 
 
 def rule(rule_id: str, n: int) -> Rule:
@@ -36,7 +36,7 @@ async def test_a_reload_never_undoes_a_change_made_while_it_waited(
             sup = Supervisor(
                 SupervisorSettings(num_workers=1),
                 fakes.FakeLauncher(fake_procs),
-                dataplane=NoDataPlane(),
+                captures=NoCaptures(),
                 store=store,
             )
             start_rules(sup, conf, config.load(conf))

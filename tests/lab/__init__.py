@@ -2,6 +2,6 @@
 
 Network namespaces and veths (`topology`), a real supervisor subprocess (`daemon`, `stopping`),
 a relay with gen and sink processes (`relay`), a frame builder (`frames`), the in-process fake
-data plane (`fake_dataplane`), and the programs behind scripts/: `soak`, `bench`, `measure`,
+capture plumbing (`fake_captures`), and the programs behind scripts/: `soak`, `bench`, `measure`,
 `demo`. Imported as ``tests.lab``; nothing here is installed with mcrelay.
 """

@@ -6,6 +6,10 @@ because the socket's BPF filter is the supervisor's: it attaches it before bind 
 in place when the rules on that interface change; the worker only maps the ring and never sets
 an option on the socket. When the worker is reaped the supervisor closes its copy, so the socket
 dies with the worker and the kernel moves its share of the fanout group to the other workers.
+
+The core tells it facts (the rules are now these, this worker is starting, that one is gone) and
+never is called back: it keeps its own copy of the rules, the workers it was told about and its
+own lock, so an interface that comes or goes is followed without asking the core anything.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import itertools
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -27,12 +30,8 @@ from mcrelay.ipc import messages as m
 from mcrelay.ipc.vocabulary import RuleState
 from mcrelay.rules import Rule
 from mcrelay.supervisor.memberships import SHORTAGES, Memberships
-from mcrelay.supervisor.rule_table import RuleTable
 from mcrelay.supervisor.slot import WorkerSlot
 from mcrelay.system.netlink import Link, LinkMonitor, LinkState, link
-
-if TYPE_CHECKING:
-    from mcrelay.supervisor.core import Supervisor
 
 log = logging.getLogger("mcrelay.supervisor")
 
@@ -70,8 +69,17 @@ _RULE_STATES = {
 }
 
 
-class KernelDataPlane:
+class KernelCaptures:
+    """The capture sockets and memberships the supervisor holds for its data workers."""
+
     def __init__(self) -> None:
+        #: The rules the plumbing follows: the table as of the last `rules_changed`.
+        self._rules: tuple[Rule, ...] = ()
+        #: The data workers it was told are starting, by id, until they are gone.
+        self._workers: dict[str, WorkerSlot] = {}
+        #: Serialises rule changes, link changes and retries: each looks at the held sockets
+        #: across sends to workers.
+        self._lock = trio.Lock()
         #: Per input interface, the state and index the capture sockets and memberships follow.
         self._links: dict[str, Link] = {}
         self.memberships = Memberships()
@@ -86,17 +94,28 @@ class KernelDataPlane:
         #: Set when a join or capture failed for lack of descriptors or memory.
         self._shortage = trio.Event()
 
-    async def provision(self, slot: WorkerSlot, table: RuleTable) -> None:
-        key = (slot.id, slot.pid)
-        for stale in [k for k in self._held if k[0] == slot.id and k != key]:
-            self._release(stale)
-        held = self._held.setdefault(key, {})
-        rules = table.rules
-        for interface in sorted(input_interfaces(rules) - set(held)):
-            await self._attach(slot, interface, rules, provisioning=True)
+    def _live(self) -> list[WorkerSlot]:
+        """The workers past provisioning (a starting one gets its sockets from
+        `worker_starting`)."""
+        return [worker for worker in self._workers.values() if worker.channel_ready]
 
-    def worker_gone(self, slot: WorkerSlot, pid: int) -> int:
-        return self._release((slot.id, pid))
+    async def worker_starting(self, worker: WorkerSlot, rules: tuple[Rule, ...]) -> None:
+        """Send a starting data worker a capture socket for each input interface of ``rules``
+        it does not hold yet (it is told those rules next)."""
+        async with self._lock:
+            self._workers[worker.id] = worker
+            key = (worker.id, worker.pid)
+            for stale in [k for k in self._held if k[0] == worker.id and k != key]:
+                self._release(stale)
+            held = self._held.setdefault(key, {})
+            for interface in sorted(input_interfaces(rules) - set(held)):
+                await self._attach(worker, interface, rules, provisioning=True)
+
+    def worker_gone(self, worker_id: str, pid: int) -> int:
+        """Worker process ``pid`` has been reaped: close what was held for it; the frames its
+        rings dropped since it last read their counters."""
+        self._workers.pop(worker_id, None)
+        return self._release((worker_id, pid))
 
     def _release(self, key: tuple[str, int | None]) -> int:
         """Close the capture sockets of a worker process; the frames their rings dropped since
@@ -118,31 +137,30 @@ class KernelDataPlane:
         known = self._links.get(interface)
         return _RULE_STATES[(known if known is not None else link(interface)).state]
 
-    async def follow_links(self, sup: Supervisor) -> None:
-        """Re-create capture sockets and memberships when an input interface comes (back) up,
-        also when it was deleted and created again between two looks (same name and state,
-        new index: no event in between need have shown it absent or down)."""
+    async def run(self) -> None:
+        """For the daemon's lifetime: re-create capture sockets and memberships when an input
+        interface comes (back) up, also when it was deleted and created again between two
+        looks (same name and state, new index: no event in between need have shown it absent
+        or down); and retry what failed for lack of descriptors or memory."""
         monitor = LinkMonitor()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._retry_shortages, sup)
-                await self._follow(monitor, sup)
+                nursery.start_soon(self._retry_shortages)
+                await self._follow(monitor)
         finally:
             monitor.close()
 
-    async def _retry_shortages(self, sup: Supervisor) -> None:
+    async def _retry_shortages(self) -> None:
         """Joins and captures that failed for lack of descriptors or memory are tried again
         every second until they succeed (each shortage was logged once)."""
         while True:
             await self._shortage.wait()
             await trio.sleep(_SHORTAGE_RETRY)
             self._shortage = trio.Event()
-            async with sup.changes:
-                rules = sup.table.rules
+            async with self._lock:
+                rules = self._rules
                 self._join(rules)
-                for slot in sup.data_slots:
-                    if not slot.channel_ready:
-                        continue
+                for slot in self._live():
                     held = self._held.setdefault((slot.id, slot.pid), {})
                     for interface in sorted(input_interfaces(rules) - set(held)):
                         known = self._links.get(interface)
@@ -154,25 +172,23 @@ class KernelDataPlane:
         if self.memberships.short:
             self._shortage.set()
 
-    async def _follow(self, monitor: LinkMonitor, sup: Supervisor) -> None:
+    async def _follow(self, monitor: LinkMonitor) -> None:
         while True:
             events = await monitor.receive()
-            async with sup.changes:
+            async with self._lock:
                 named = {name for name, _ in events}
-                for interface in sorted(input_interfaces(sup.table.rules)):
+                for interface in sorted(input_interfaces(self._rules)):
                     if events and interface not in named:
                         continue
                     now = link(interface)
                     before = self._links.get(interface)
                     if now != before:
-                        await self._link_changed(interface, now, before, sup)
+                        await self._link_changed(interface, now, before)
                         self._links[interface] = now
 
-    async def _link_changed(
-        self, interface: str, now: Link, before: Link | None, sup: Supervisor
-    ) -> None:
-        rules = sup.table.rules
-        slots = [s for s in sup.data_slots if s.channel_ready]
+    async def _link_changed(self, interface: str, now: Link, before: Link | None) -> None:
+        rules = self._rules
+        slots = self._live()
         state = now.state
         if state is LinkState.DOWN:
             log.warning("input interface %s is down: its rules are paused", interface)
@@ -194,25 +210,26 @@ class KernelDataPlane:
         for slot in slots:
             await self._attach(slot, interface, rules, provisioning=False)
 
-    async def rules_changed(self, table: RuleTable, slots: list[WorkerSlot]) -> None:
-        rules = table.rules
-        interfaces = input_interfaces(rules)
-        for interface in set(self._links) - interfaces:
-            del self._links[interface]  # looked at afresh if a rule names it again
-        for interface in interfaces - set(self._links):
-            self._links[interface] = link(interface)
-        self._join(rules)
-        self._refresh_filters(rules)
-        for slot in slots:
-            if not slot.channel_ready:
-                continue  # a starting worker gets its sockets in provision()
-            held = self._held.setdefault((slot.id, slot.pid), {})
-            for interface in sorted(set(held) - interfaces):
-                await self._detach(slot, interface)
-            for interface in sorted(interfaces - set(held)):
-                await self._attach(slot, interface, rules, provisioning=False)
-        for interface in set(self._fanout) - interfaces:
-            del self._fanout[interface]
+    async def rules_changed(self, rules: tuple[Rule, ...]) -> None:
+        """The table is now ``rules``: join/leave groups, refresh filters in place, and open or
+        close capture sockets of running workers."""
+        async with self._lock:
+            self._rules = rules
+            interfaces = input_interfaces(rules)
+            for interface in set(self._links) - interfaces:
+                del self._links[interface]  # looked at afresh if a rule names it again
+            for interface in interfaces - set(self._links):
+                self._links[interface] = link(interface)
+            self._join(rules)
+            self._refresh_filters(rules)
+            for slot in self._live():
+                held = self._held.setdefault((slot.id, slot.pid), {})
+                for interface in sorted(set(held) - interfaces):
+                    await self._detach(slot, interface)
+                for interface in sorted(interfaces - set(held)):
+                    await self._attach(slot, interface, rules, provisioning=False)
+            for interface in set(self._fanout) - interfaces:
+                del self._fanout[interface]
 
     def _program(self, interface: str, rules: tuple[Rule, ...]) -> list[bpf.Instruction]:
         program = self._programs.get(interface)
@@ -296,6 +313,7 @@ class KernelDataPlane:
         raise OSError(errno.EADDRINUSE, "no free fanout group id")
 
     def close(self) -> None:
+        """Close every capture socket and leave every group (the daemon is ending)."""
         for key in list(self._held):
             self._release(key)
         self.memberships.close()
