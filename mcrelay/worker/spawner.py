@@ -100,8 +100,10 @@ class Spawner:
                 if fd == self._sock.fileno():
                     try:
                         pidfd = self._request()
-                    except ChannelClosed:
-                        return 0  # the supervisor is gone or stopping
+                    except (ChannelClosed, ConnectionError):
+                        # The supervisor is gone or stopping (a supervisor killed with a
+                        # request unread resets the socket rather than closing it).
+                        return 0
                     if pidfd is not None:
                         poller.register(pidfd, select.POLLIN)
                 else:
