@@ -2,7 +2,7 @@
 
 A data worker is trusted no further than its messages. What one acknowledged (seq, digest, rule
 count, the rules it could not install) and the resyncs it needed are kept here, one
-:class:`RuleSync` per worker, written only by :class:`DataRole`; `WorkerSlot` knows only the
+:class:`WorkerRules` per worker, written only by :class:`DataRole`; `WorkerSlot` knows only the
 lifecycle and asks the role for these figures when it is listed.
 
 A starting worker is provisioned in one direction: its counter page, then its capture sockets
@@ -61,7 +61,7 @@ class ResyncBudget:
         self._last = now
 
 
-class RuleSync:
+class WorkerRules:
     """What one data worker holds of the rule table, as its acknowledgements say.
 
     One per worker slot, kept across its processes (so a wait on `acked_seq` outlives a
@@ -109,7 +109,7 @@ class DataRole:
         self._stats = stats
         self._counter_pages = counter_pages
         #: Per data worker id, in the order the workers are listed.
-        self.sync: dict[str, RuleSync] = {worker_id: RuleSync() for worker_id in worker_ids}
+        self.sync: dict[str, WorkerRules] = {worker_id: WorkerRules() for worker_id in worker_ids}
 
     # --- what the core asks ---------------------------------------------------------------
 
@@ -229,7 +229,7 @@ class DataRole:
         # In the background: this runs in the worker's read loop, which must not wait.
         slot.post(resync, delay=delay)
 
-    def _note_failures(self, worker_id: str, sync: RuleSync, failed: dict[str, str]) -> None:
+    def _note_failures(self, worker_id: str, sync: WorkerRules, failed: dict[str, str]) -> None:
         """Keep what a worker could not install (only rules in the table: a worker's word is
         bounded by it), and say so once per rule and reason."""
         by_id = self._table.by_id
