@@ -137,7 +137,7 @@ def _unicast_to_multicast(chain: topology.Chain, relay: Daemon) -> None:
 TAGGED = r"""
 import socket, sys, time
 from tests.lab.frames import build_udp_frame, multicast_mac
-from mcrelay.tools.payload import build_payload
+from mcrelay.cli.traffic.payload import build_payload
 ifname, group, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind((ifname, 0))
