@@ -16,10 +16,11 @@ import trio
 from mcrelay import config
 from mcrelay.errors import McrelayError, leaves
 from mcrelay.supervisor.dataplane import KernelDataPlane
-from mcrelay.supervisor.launcher import SpawnerLauncher, WorkerUsers
+from mcrelay.supervisor.launcher import SpawnerLauncher
 from mcrelay.supervisor.main import run_daemon
 from mcrelay.supervisor.options import DaemonOptions
 from mcrelay.supervisor.persistence import RuleStore
+from mcrelay.supervisor.spawner_process import WorkerUsers
 from mcrelay.system.logs import setup_logging
 from mcrelay.system.process import raise_open_file_limit
 
