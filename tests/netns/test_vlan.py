@@ -73,12 +73,6 @@ def finish(proc: subprocess.Popen[str], timeout: float = 30) -> str:
 
 
 @pytest.fixture
-def chain() -> Iterator[topology.Chain]:
-    with topology.chain() as c:
-        yield c
-
-
-@pytest.fixture
 def relay(chain: topology.Chain, tmp_path: Path) -> Iterator[Daemon]:
     """Two rules for the same group and port on the input: untagged, and VLAN 200."""
     with relay_daemon(chain.relay, tmp_path, "--num-workers", "2") as d:
