@@ -12,36 +12,56 @@ never correctness.
 Programs expect SOCK_RAW offsets (the Ethernet header at 0). Attach the filter before binding the
 socket to a protocol (or before PACKET_RX_RING, which purges the queue), or frames queued in
 between escape it. Fanout members each run their own filter: give them all the same one.
+
+This module decides what the filter says; `mcrelay.dataplane.bpf_asm` holds the opcodes and the
+assembler it writes with, and `attach`, re-exported here for the filter's users.
 """
 
 from __future__ import annotations
 
-import ctypes
-import dataclasses
 import ipaddress
-import socket
-import struct
 from collections.abc import Callable, Iterable
 
-from mcrelay.system.linux import PACKET_OUTGOING, SO_ATTACH_FILTER
-
-Instruction = tuple[int, int, int, int]  # code, jt, jf, k, as in struct sock_filter
-
-# linux/filter.h (classic BPF)
-BPF_LD, BPF_LDX, BPF_ST, BPF_STX, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = range(8)
-BPF_W, BPF_H, BPF_B = 0x00, 0x08, 0x10
-BPF_IMM, BPF_ABS, BPF_IND, BPF_MEM, BPF_LEN, BPF_MSH = 0x00, 0x20, 0x40, 0x60, 0x80, 0xA0
-BPF_ADD, BPF_SUB, BPF_MUL, BPF_DIV, BPF_OR, BPF_AND, BPF_LSH, BPF_RSH, BPF_NEG = (
-    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80,
+from mcrelay.dataplane.bpf_asm import (
+    BPF_ABS,
+    BPF_ALU,
+    BPF_AND,
+    BPF_B,
+    BPF_H,
+    BPF_IMM,
+    BPF_IND,
+    BPF_JA,
+    BPF_JEQ,
+    BPF_JGE,
+    BPF_JGT,
+    BPF_JMP,
+    BPF_JSET,
+    BPF_K,
+    BPF_LD,
+    BPF_LDX,
+    BPF_LEN,
+    BPF_MAXINSNS,
+    BPF_MISC,
+    BPF_MSH,
+    BPF_RET,
+    BPF_SUB,
+    BPF_TAX,
+    BPF_TXA,
+    BPF_W,
+    BPF_X,
+    SKF_AD_OFF,
+    SKF_AD_PKTTYPE,
+    SKF_AD_VLAN_TAG,
+    SKF_AD_VLAN_TAG_PRESENT,
+    Assembler,
+    Instruction,
+    Op,
+    attach,
 )  # fmt: skip
-BPF_JA, BPF_JEQ, BPF_JGT, BPF_JGE, BPF_JSET = 0x00, 0x10, 0x20, 0x30, 0x40
-BPF_K, BPF_X, BPF_A = 0x00, 0x08, 0x10
-BPF_TAX, BPF_TXA = 0x00, 0x80
-BPF_MAXINSNS = 4096
-SKF_AD_OFF = -0x1000
-SKF_AD_PKTTYPE = 4
-SKF_AD_VLAN_TAG = 44  # the TCI of the outer tag the kernel moved out of the frame
-SKF_AD_VLAN_TAG_PRESENT = 48  # linux/filter.h: offsets are multiples of 4
+from mcrelay.system.linux import PACKET_OUTGOING
+
+__all__ = ["ACCEPT", "DROP", "Instruction", "attach", "compile_filter", "drop_all"]
+
 VLAN_VID_MASK = 0x0FFF
 
 ACCEPT = 0x40000  # bytes to keep: the whole frame
@@ -49,143 +69,7 @@ DROP = 0
 LEAF = 8  # a search tree scans at most this many values linearly
 
 _NO_PORT = 0x10000  # X for frames without a readable port: matches no port, fails the tree
-_MAX_JUMP = 255  # jt/jf are 8 bits; `ja` is 32
-_NEAR_PORTS = 128  # a port list this short keeps its exits within _MAX_JUMP
-
-
-@dataclasses.dataclass(slots=True)
-class _Op:
-    """One instruction; jumps name labels (None: the next instruction) until assembly."""
-
-    code: int
-    k: int = 0
-    jt: str | None = None  # for `ja`, the target
-    jf: str | None = None
-
-    @property
-    def is_cond(self) -> bool:
-        return self.code & 0x07 == BPF_JMP and self.code & 0xF0 != BPF_JA
-
-    @property
-    def is_terminal(self) -> bool:
-        """Never falls through, so a copy of it can stand in for a jump to it."""
-        return self.code & 0x07 == BPF_RET or self.code == BPF_JMP | BPF_JA
-
-
-class _Asm:
-    """Emit instructions with symbolic forward jumps; `assemble` resolves them."""
-
-    def __init__(self) -> None:
-        self.items: list[_Op | str] = []  # a str marks where a label points
-        self._labels = 0
-
-    def label(self) -> str:
-        self._labels += 1
-        return f"L{self._labels}"
-
-    def place(self, label: str) -> None:
-        self.items.append(label)
-
-    def op(self, code: int, k: int = 0) -> None:
-        self.items.append(_Op(code, k & 0xFFFFFFFF))
-
-    def jump(self, code: int, k: int, jt: str | None, jf: str | None) -> None:
-        self.items.append(_Op(BPF_JMP | code | BPF_K, k, jt, jf))
-
-    def ja(self, target: str) -> None:
-        self.items.append(_Op(BPF_JMP | BPF_JA, 0, target))
-
-    def ret(self, k: int) -> None:
-        self.items.append(_Op(BPF_RET | BPF_K, k))
-
-    def assemble(self) -> list[Instruction]:
-        """Resolve labels; a conditional jump too far for 8 bits gets a trampoline after it.
-
-        The trampoline is a copy of the target when that is a `ret` or `ja`, else a `ja` to it.
-        Inserting trampolines only lengthens other jumps, so repeating until none is too far
-        terminates.
-        """
-        items = self.items
-        while True:
-            pos, at = _layout(items)
-            out: list[_Op | str] = []
-            index = -1
-            for item in items:
-                out.append(item)
-                if isinstance(item, str):
-                    continue
-                index += 1
-                if not item.is_cond:
-                    continue
-                jt_far, jf_far = (
-                    t is not None and pos[t] - index - 1 > _MAX_JUMP for t in (item.jt, item.jf)
-                )
-                if not (jt_far or jf_far):
-                    continue
-                after = self.label()  # the old next instruction, now behind the trampolines
-                jt, jf = item.jt or after, item.jf or after
-                out[-1] = new = _Op(item.code, item.k)
-                new.jt = self._trampoline(out, at[jt], jt) if jt_far else jt
-                new.jf = self._trampoline(out, at[jf], jf) if jf_far else jf
-                out.append(after)
-            if len(out) == len(items):
-                break
-            items = out
-        self.items = items
-        return _encode(items)
-
-    def _trampoline(self, out: list[_Op | str], target: _Op, label: str) -> str:
-        """Append a stand-in for a jump to `label` (pointing at `target`); return its label."""
-        here = self.label()
-        out.append(here)
-        if target.is_terminal:
-            out.append(_Op(target.code, target.k, target.jt))
-        else:
-            out.append(_Op(BPF_JMP | BPF_JA, 0, label))
-        return here
-
-
-def _layout(items: list[_Op | str]) -> tuple[dict[str, int], dict[str, _Op]]:
-    """Label → instruction index, and label → the instruction it points at."""
-    pos: dict[str, int] = {}
-    at: dict[str, _Op] = {}
-    pending: list[str] = []
-    index = 0
-    for item in items:
-        if isinstance(item, str):
-            pos[item] = index
-            pending.append(item)
-        else:
-            for label in pending:
-                at[label] = item
-            pending.clear()
-            index += 1
-    if pending:
-        raise AssertionError(f"labels {pending} point past the program")
-    return pos, at
-
-
-def _encode(items: list[_Op | str]) -> list[Instruction]:
-    pos, _ = _layout(items)
-    program: list[Instruction] = []
-
-    def offset(label: str | None, index: int) -> int:
-        distance = 0 if label is None else pos[label] - index - 1
-        if distance < 0:
-            raise AssertionError("classic BPF jumps forward only")
-        return distance
-
-    for item in items:
-        if isinstance(item, str):
-            continue
-        index = len(program)
-        if item.is_cond:
-            program.append((item.code, offset(item.jt, index), offset(item.jf, index), item.k))
-        elif item.code == BPF_JMP | BPF_JA:
-            program.append((item.code, 0, 0, offset(item.jt, index)))
-        else:
-            program.append((item.code, 0, 0, item.k))
-    return program
+_NEAR_PORTS = 128  # a port list this short keeps its exits within a conditional jump's 255
 
 
 # ---- code generation -------------------------------------------------------------------------
@@ -201,7 +85,9 @@ def _split(values: list[int], leaf: int) -> Iterable[list[int]]:
     yield from _split(values[mid:], leaf)
 
 
-def _tree(asm: _Asm, values: list[int], leaf: int, emit_leaf: Callable[[list[int]], None]) -> None:
+def _tree(
+    asm: Assembler, values: list[int], leaf: int, emit_leaf: Callable[[list[int]], None]
+) -> None:
     """Binary search on A over sorted `values`; `emit_leaf` handles each small run linearly."""
     if len(values) <= leaf:
         emit_leaf(values)
@@ -214,7 +100,7 @@ def _tree(asm: _Asm, values: list[int], leaf: int, emit_leaf: Callable[[list[int
     _tree(asm, values[mid:], leaf, emit_leaf)
 
 
-def _member(asm: _Asm, values: list[int], leaf: int, yes: str, no: str) -> None:
+def _member(asm: Assembler, values: list[int], leaf: int, yes: str, no: str) -> None:
     """Jump to `yes` if A is in `values`, else to `no`."""
 
     def emit_leaf(run: list[int]) -> None:
@@ -225,7 +111,7 @@ def _member(asm: _Asm, values: list[int], leaf: int, yes: str, no: str) -> None:
     _tree(asm, values, leaf, emit_leaf)
 
 
-def _member_local(asm: _Asm, values: list[int], leaf: int, yes: _Op, no: _Op) -> None:
+def _member_local(asm: Assembler, values: list[int], leaf: int, yes: Op, no: Op) -> None:
     """`_member` whose leaves end in their own copies of the terminal `yes` and `no`."""
 
     def emit_leaf(run: list[int]) -> None:
@@ -235,12 +121,12 @@ def _member_local(asm: _Asm, values: list[int], leaf: int, yes: _Op, no: _Op) ->
         asm.jump(BPF_JEQ, run[-1], y, n)
         for label, op in ((y, yes), (n, no)):
             asm.place(label)
-            asm.items.append(_Op(op.code, op.k, op.jt))
+            asm.items.append(Op(op.code, op.k, op.jt))
 
     _tree(asm, values, leaf, emit_leaf)
 
 
-def _port_check(asm: _Asm, ports: list[int], leaf: int, accept: str, maybe: str) -> None:
+def _port_check(asm: Assembler, ports: list[int], leaf: int, accept: str, maybe: str) -> None:
     """X holds the port (or _NO_PORT): accept a listed port, else go to `maybe`.
 
     A long list gets its own exits in every leaf: `accept` and `maybe` would be out of 8-bit
@@ -250,10 +136,10 @@ def _port_check(asm: _Asm, ports: list[int], leaf: int, accept: str, maybe: str)
     if len(ports) <= _NEAR_PORTS:
         _member(asm, ports, leaf, accept, maybe)
     else:
-        _member_local(asm, ports, leaf, _ret(ACCEPT), _Op(BPF_JMP | BPF_JA, 0, maybe))
+        _member_local(asm, ports, leaf, _ret(ACCEPT), Op(BPF_JMP | BPF_JA, 0, maybe))
 
 
-def _maybe_tail(asm: _Asm, maybe: str, accept: str, drop: str) -> None:
+def _maybe_tail(asm: Assembler, maybe: str, accept: str, drop: str) -> None:
     """Frames with no port reach here by failing every port: they go up for counting."""
     asm.place(maybe)
     asm.jump(BPF_JGT, 0xFFFF, accept, drop)
@@ -263,7 +149,7 @@ def _maybe_tail(asm: _Asm, maybe: str, accept: str, drop: str) -> None:
     asm.ret(DROP)
 
 
-def _vlan_check(asm: _Asm, vlans: list[int], accept: str, drop: str) -> None:
+def _vlan_check(asm: Assembler, vlans: list[int], accept: str, drop: str) -> None:
     """3. Keep out every frame with more than one VLAN tag, and tagged frames of VLANs no rule
     names; VLAN id 0 (priority tag only) counts as untagged.
 
@@ -297,7 +183,7 @@ def _vlan_check(asm: _Asm, vlans: list[int], accept: str, drop: str) -> None:
     asm.place(done)
 
 
-def _vlan_id_check(asm: _Asm, vlans: list[int], allowed: str, drop: str) -> None:
+def _vlan_id_check(asm: Assembler, vlans: list[int], allowed: str, drop: str) -> None:
     """A holds a tag (TCI): on to ``allowed`` when its VLAN id is 0 (priority bits only) or one
     of ``vlans``, else to ``drop``."""
     asm.op(BPF_ALU | BPF_AND | BPF_K, VLAN_VID_MASK)
@@ -311,7 +197,7 @@ def _vlan_id_check(asm: _Asm, vlans: list[int], allowed: str, drop: str) -> None
 def _program(
     table: dict[int, frozenset[int]], vlans: list[int], mode: str, leaf: int
 ) -> list[Instruction]:
-    asm = _Asm()
+    asm = Assembler()
     accept, drop = asm.label(), asm.label()
     # 1. never see our own output
     asm.op(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PKTTYPE)
@@ -350,7 +236,7 @@ def _program(
     return asm.assemble()
 
 
-def _classify(asm: _Asm) -> None:
+def _classify(asm: Assembler) -> None:
     """7. Leave the UDP destination port in X, or _NO_PORT for a fragment, another protocol, a
     bad version/IHL or a frame too short for the UDP header; then A = destination address."""
     no_port, dst = asm.label(), asm.label()
@@ -375,7 +261,7 @@ def _classify(asm: _Asm) -> None:
     asm.op(BPF_LD | BPF_W | BPF_ABS, 14 + 16)
 
 
-def _exact(asm: _Asm, table: dict[int, frozenset[int]], leaf: int) -> None:
+def _exact(asm: Assembler, table: dict[int, frozenset[int]], leaf: int) -> None:
     """8. Search the destination, then that destination's ports.
 
     Destinations with the same port set share one port check: inline in a leaf of the search,
@@ -423,18 +309,18 @@ def _exact(asm: _Asm, table: dict[int, frozenset[int]], leaf: int) -> None:
         _maybe_tail(asm, maybe, accept, drop)
 
 
-def _loose(asm: _Asm, table: dict[int, frozenset[int]], leaf: int) -> None:
+def _loose(asm: Assembler, table: dict[int, frozenset[int]], leaf: int) -> None:
     """8, loosely: destination configured and port configured for any destination."""
     ports_check = asm.label()
-    _member_local(asm, sorted(table), leaf, _Op(BPF_JMP | BPF_JA, 0, ports_check), _ret(DROP))
+    _member_local(asm, sorted(table), leaf, Op(BPF_JMP | BPF_JA, 0, ports_check), _ret(DROP))
     accept, maybe, drop = asm.label(), asm.label(), asm.label()
     asm.place(ports_check)
     _port_check(asm, sorted(set().union(*table.values())), leaf, accept, maybe)
     _maybe_tail(asm, maybe, accept, drop)
 
 
-def _ret(k: int) -> _Op:
-    return _Op(BPF_RET | BPF_K, k)
+def _ret(k: int) -> Op:
+    return Op(BPF_RET | BPF_K, k)
 
 
 def drop_all() -> list[Instruction]:
@@ -486,18 +372,3 @@ def compile_filter(
         if len(program) <= max_insns:
             return program
     return _program(table, vlan_ids, "ipv4", LEAF)
-
-
-_SOCK_FILTER = struct.Struct("=HBBI")  # struct sock_filter
-_SOCK_FPROG = struct.Struct("@HP")  # struct sock_fprog: unsigned short len, then a pointer
-
-
-def attach(sock: socket.socket, program: list[Instruction]) -> None:
-    """Attach (or atomically replace) the socket's filter; OSError if the kernel refuses it."""
-    if not 1 <= len(program) <= BPF_MAXINSNS:
-        raise ValueError(f"a classic BPF program has 1..{BPF_MAXINSNS} instructions")
-    code = b"".join(_SOCK_FILTER.pack(c, jt, jf, k) for c, jt, jf, k in program)
-    buffer = ctypes.create_string_buffer(code, len(code))  # alive until the kernel copied it
-    fprog = _SOCK_FPROG.pack(len(program), ctypes.addressof(buffer))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-    del buffer

@@ -6,6 +6,8 @@ socket. The spawner's child drops its privileges itself before it receives its c
 supervisor gets the child's pid and a pidfd (death is noticed at once, signals cannot hit a
 recycled pid) and, later, its exit status. If the spawner dies, its workers die with it
 (PDEATHSIG); a new spawner is started and the slots replace their workers as after any crash.
+How one spawner process is started, greets and is reaped is `mcrelay.supervisor.spawner_process`;
+this module keeps one running, talks to it, and hands out the workers it forks.
 
 A launch that fails for any reason (no spawner, EMFILE, ENOMEM, EAGAIN, a failed fork or
 pidfd_open) raises :class:`LaunchError` or OSError: the slot counts it as a failed start and
@@ -21,8 +23,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Protocol
 
@@ -33,14 +33,13 @@ from mcrelay.errors import ChannelClosed, McrelayError, ProtocolError
 from mcrelay.ipc import spawn as sp
 from mcrelay.ipc.framing import FrameChannel
 from mcrelay.ipc.messages import WorkerKind, WorkerToSupervisor
+from mcrelay.supervisor.spawner_process import SpawnerProcess
 from mcrelay.supervisor.worker_users import WorkerUsers
 from mcrelay.system.privileges import PrivilegeError, check_supervisor
 from mcrelay.worker.faults import faults_for
 
 log = logging.getLogger("mcrelay.supervisor")
 
-#: How long a new spawner may take to start its interpreter and import the worker code.
-SPAWNER_START_TIMEOUT = 30.0
 #: How long a launch waits for a spawner that is (re)starting, and for one fork.
 SPAWNER_WAIT = 5.0
 SPAWN_TIMEOUT = 5.0
@@ -81,14 +80,6 @@ class Launched(Protocol):
 
 class Launcher(Protocol):
     async def launch(self, spec: WorkerSpec) -> Launched: ...
-
-
-def worker_environment() -> dict[str, str]:
-    """The supervisor's environment minus what only the supervisor may use."""
-    env = dict(os.environ)
-    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
-        env.pop(key, None)
-    return env
 
 
 _Reply = tuple[sp.Spawned | sp.SpawnFailed, list[int]]
@@ -136,118 +127,13 @@ class SpawnedWorker:
             self._pidfd = -1
 
 
-class _Spawner:
-    """One spawner process and our end of its socket."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
-        self.proc = proc
-        self.sock = sock
-        self.pid = proc.pid
-        self.ready: sp.Ready | None = None
-        self.lock = trio.Lock()
-        self._trio_sock: trio.socket.SocketType | None = None
-
-    @property
-    def tsock(self) -> trio.socket.SocketType:
-        if self._trio_sock is None:
-            self.sock.setblocking(False)
-            self._trio_sock = trio.socket.from_stdlib_socket(self.sock)
-        return self._trio_sock
-
-    @classmethod
-    def start(cls, users: WorkerUsers) -> _Spawner:
-        """Fork+exec from the calling (main) thread: PDEATHSIG is tied to the forking thread."""
-        from mcrelay.worker.spawner import identity_arg
-
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            argv = [
-                sys.executable,
-                "-m",
-                "mcrelay.worker.spawner",
-                "--fd",
-                str(theirs.fileno()),
-                "--supervisor-pid",
-                str(os.getpid()),
-                "--control-user",
-                identity_arg(users.control),
-                "--data-user",
-                identity_arg(users.data),
-            ]
-            if users.keep_root:
-                argv.append("--keep-root")
-            proc = subprocess.Popen(
-                argv,
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env=worker_environment(),
-                cwd="/",
-            )
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        return cls(proc, ours)
-
-    def wait_ready_blocking(self) -> sp.Ready:
-        """Before the trio loop: the spawner's first message."""
-        self.sock.settimeout(SPAWNER_START_TIMEOUT)
-        try:
-            data, ancdata, flags, _ = self.sock.recvmsg(sp.MAX_MESSAGE, sp.ancillary_space(1))
-        except TimeoutError:
-            raise LaunchError("the worker spawner did not start in time") from None
-        return self._take_ready(data, ancdata, flags)
-
-    async def wait_ready(self) -> sp.Ready:
-        with trio.fail_after(SPAWNER_START_TIMEOUT):
-            data, ancdata, flags, _ = await self.tsock.recvmsg(
-                sp.MAX_MESSAGE, sp.ancillary_space(1)
-            )
-        return self._take_ready(data, ancdata, flags)
-
-    def _take_ready(
-        self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int
-    ) -> sp.Ready:
-        try:
-            payload, fds = sp.unpack(data, ancdata, flags)
-        except ChannelClosed:
-            raise LaunchError("the worker spawner exited at start") from None
-        for fd in fds:
-            os.close(fd)
-        ready = sp.decode_reply(payload)
-        if not isinstance(ready, sp.Ready):
-            raise ProtocolError(f"the spawner said {type(ready).__name__} before Ready")
-        self.ready = ready
-        return ready
-
-    def close_socket(self) -> None:
-        """Close our end: the spawner exits on EOF."""
-        if self._trio_sock is not None:
-            self._trio_sock.close()
-        self.sock.close()
-
-    def reap(self) -> None:
-        """Blocking: make sure the spawner is gone, and reap it."""
-        try:
-            self.proc.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def close(self) -> None:
-        self.close_socket()
-        self.reap()
-
-
 class SpawnerLauncher:
     """Launches workers through the spawner, and keeps a spawner running."""
 
     def __init__(self, users: WorkerUsers) -> None:
         self.users = users
-        self._current: trio_util.AsyncValue[_Spawner | None] = trio_util.AsyncValue(None)
-        self._first: _Spawner | None = None
+        self._current: trio_util.AsyncValue[SpawnerProcess | None] = trio_util.AsyncValue(None)
+        self._first: SpawnerProcess | None = None
         self._ids = itertools.count(1)
         self._replies: dict[int, trio.MemorySendChannel[_Reply]] = {}
         self._exits: dict[int, _Exit] = {}
@@ -259,7 +145,7 @@ class SpawnerLauncher:
     def start(self) -> None:
         """Start the first spawner, before the trio loop; refuse if workers cannot drop root."""
         check_supervisor(switch_user=self.users.data is not None)
-        spawner = _Spawner.start(self.users)
+        spawner = SpawnerProcess.start(self.users)
         try:
             ready = spawner.wait_ready_blocking()
             self._check(ready)
@@ -320,9 +206,9 @@ class SpawnerLauncher:
             await trio.sleep(delay)
             delay = min(delay * 2, SPAWNER_RESTART_DELAY[1])
 
-    async def _restart(self) -> _Spawner | None:
+    async def _restart(self) -> SpawnerProcess | None:
         try:
-            spawner = _Spawner.start(self.users)
+            spawner = SpawnerProcess.start(self.users)
         except OSError as exc:
             self._failed_start(f"cannot start the worker spawner: {exc}")
             return None
@@ -348,7 +234,7 @@ class SpawnerLauncher:
             )
         self._start_failure = why
 
-    async def _serve(self, spawner: _Spawner) -> str:
+    async def _serve(self, spawner: SpawnerProcess) -> str:
         """Dispatch the spawner's messages until it goes away; why it did."""
         while True:
             try:
@@ -445,7 +331,7 @@ class SpawnerLauncher:
         )
         return SpawnedWorker(pid, fds[0], channel, exit, lambda: self._exits.pop(pid, None))
 
-    async def _ask(self, spawner: _Spawner, request: sp.Spawn, fd: int) -> _Reply:
+    async def _ask(self, spawner: SpawnerProcess, request: sp.Spawn, fd: int) -> _Reply:
         send, receive = trio.open_memory_channel[_Reply](1)
         async with spawner.lock:
             request_id = request.id

@@ -79,7 +79,7 @@ async def _run(kind: m.WorkerKind, worker_id: str, fd: int, faults: frozenset[st
         try:
             async with trio.open_nursery() as nursery:
                 await impl.run(nursery)
-                await _obey(channel, impl, "hang" in faults)
+                await obey(channel, impl, "hang" in faults)
                 with trio.move_on_after(DRAIN_GRACE):
                     await impl.drain()
                 nursery.cancel_scope.cancel()
@@ -112,8 +112,11 @@ def _make_impl(
     return DataWorker(channel, worker_id, faults)
 
 
-async def _obey(channel: FrameChannel, impl: WorkerImpl, hang: bool) -> None:
-    """The supervisor's messages, in order, until it says Stop."""
+async def obey(channel: FrameChannel, impl: WorkerImpl, hang: bool) -> None:
+    """The supervisor's messages, in order, until it says Stop.
+
+    Public because it is the worker's whole message loop: the test harness's fake workers run
+    this same loop over a socketpair instead of copying it."""
     while True:
         message = await channel.receive()
         match message:

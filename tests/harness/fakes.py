@@ -14,7 +14,7 @@ from mcrelay.ipc import messages as m
 from mcrelay.ipc.framing import FrameChannel
 from mcrelay.supervisor.launcher import WorkerSpec
 from mcrelay.worker.data import DataWorker
-from mcrelay.worker.main import _obey
+from mcrelay.worker.main import obey
 
 #: A fake worker's body: returns its exit status.
 Behaviour = Callable[[FrameChannel, "FakeWorker"], Awaitable[int]]
@@ -37,7 +37,7 @@ async def healthy(channel: FrameChannel, worker: FakeWorker) -> int:
     try:
         async with trio.open_nursery() as nursery:
             await data.run(nursery)
-            await _obey(channel, data, hang=False)
+            await obey(channel, data, hang=False)
             nursery.cancel_scope.cancel()
     finally:
         data.close()

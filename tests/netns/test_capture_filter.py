@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from mcrelay.dataplane import bpf
+from mcrelay.dataplane import bpf, bpf_asm
 from tests.lab import topology
 from tests.lab.daemon import Daemon, daemon, wait_for
 
@@ -89,7 +89,7 @@ def attached_filter(sock: socket.socket) -> list[bpf.Instruction]:
     ):
         raise OSError(ctypes.get_errno(), "SO_GET_FILTER failed")
     raw = buffer.raw
-    return [bpf._SOCK_FILTER.unpack_from(raw, 8 * i) for i in range(length.value)]
+    return [bpf_asm.SOCK_FILTER.unpack_from(raw, 8 * i) for i in range(length.value)]
 
 
 def test_the_supervisor_attaches_and_replaces_the_capture_filter(relay: Daemon) -> None:

@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,12 +21,6 @@ pytestmark = [
 ]
 
 GROUP, PORT, OUT = "239.9.1.1", 5000, "239.2.9.9"
-
-
-@pytest.fixture
-def chain() -> Iterator[topology.Chain]:
-    with topology.chain() as c:
-        yield c
 
 
 def state(d: Daemon) -> str:

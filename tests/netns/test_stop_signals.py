@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,6 @@ pytestmark = [
 ]
 
 GROUP, PORT = "239.1.1.1", 5000
-
-
-@pytest.fixture
-def chain() -> Iterator[topology.Chain]:
-    with topology.chain() as c:
-        yield c
 
 
 @pytest.mark.parametrize(

@@ -150,7 +150,7 @@ def test_route_alone_does_not_reach_the_sink(pair):
 
 CRAFTED = """
 import socket, sys
-from mcrelay.tools import payload as p
+from mcrelay.cli.traffic import payload as p
 bad = bytearray(p.build_payload(7, 1024))
 bad[500] ^= 1
 datagrams = [p.build_payload(s, 1024) for s in (0, 1, 3, 2, 2, 6)] + [bytes(bad), b"junk"]

@@ -33,7 +33,7 @@ UNTAGGED_OUT, VLAN_OUT = ("239.2.2.2", 5001), ("239.2.2.3", 5002)
 SEND = r"""
 import json, socket, sys, time
 from tests.lab.frames import build_udp_frame, multicast_mac
-from mcrelay.tools.payload import build_payload
+from mcrelay.cli.traffic.payload import build_payload
 ifname, group, port, count, rate, stream = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
 stacks = json.loads(sys.argv[7])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
@@ -70,12 +70,6 @@ def finish(proc: subprocess.Popen[str], timeout: float = 30) -> str:
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err
     return out
-
-
-@pytest.fixture
-def chain() -> Iterator[topology.Chain]:
-    with topology.chain() as c:
-        yield c
 
 
 @pytest.fixture

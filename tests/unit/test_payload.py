@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mcrelay.tools import payload
+from mcrelay.cli.traffic import payload
 
 seqs = st.integers(0, 2**64 - 1)
 streams = st.integers(0, 2**32 - 1)

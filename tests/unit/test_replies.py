@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from mcrelay.cli import top
 from mcrelay.dataplane import parse
 from mcrelay.errors import ProtocolError
 from mcrelay.ipc import messages as m
@@ -18,7 +19,6 @@ from mcrelay.ipc import vocabulary
 from mcrelay.rules import Output, Rule, RuleInput
 from mcrelay.supervisor import states
 from mcrelay.system import metrics
-from mcrelay.tools import top
 
 RULE = Rule(
     id="cam1",

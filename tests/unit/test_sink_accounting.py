@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mcrelay.tools import payload, sink
+from mcrelay.cli.traffic import payload, sink
 
 SLOT = 2048
 T0 = 1_700_000_000_000_000_000

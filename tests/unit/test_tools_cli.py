@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from mcrelay.tools.commands import gen_command, sink_command
+from mcrelay.cli.traffic.commands import gen_command, sink_command
 
 app = typer.Typer()
 app.command("gen")(gen_command)

@@ -16,8 +16,7 @@ from rich.console import Console, RenderableType
 from rich.text import Text
 from typer.testing import CliRunner
 
-from mcrelay.errors import McrelayError
-from mcrelay.tools.top import (
+from mcrelay.cli.top import (
     Snapshot,
     View,
     format_bits,
@@ -27,6 +26,7 @@ from mcrelay.tools.top import (
     top_command,
     workers_table,
 )
+from mcrelay.errors import McrelayError
 from tests.unit.test_metrics import RULES, STATS, WORKERS, rules_of, stats_of, workers_of
 
 SOCKET = Path("/run/test/control.sock")

@@ -50,7 +50,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-from mcrelay.tools import payload
+from mcrelay.cli.traffic import payload
 
 PR_SET_TIMERSLACK = 29
 MAX_GSO_SEGMENTS = 63  # 63 × 1024 B fits one UDP datagram (65507 B)

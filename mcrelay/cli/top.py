@@ -32,7 +32,7 @@ from mcrelay import client
 from mcrelay.errors import McrelayError
 from mcrelay.ipc import messages as m
 from mcrelay.ipc.replies import RuleInfo, RuleState, Stats, WorkerInfo, WorkerState
-from mcrelay.supervisor.settings import DEFAULT_CONTROL_SOCKET
+from mcrelay.system.paths import DEFAULT_CONTROL_SOCKET
 
 #: A poll that takes longer counts as the daemon not answering (then retried next tick).
 POLL_TIMEOUT = 5.0

@@ -24,15 +24,8 @@ from collections.abc import Callable
 
 import msgspec
 
-from mcrelay.system.linux import (
-    IP_MULTICAST_ALL,
-    SO_RCVBUFFORCE,
-    SO_TIMESTAMPNS,
-    ip_mreqn,
-    set_buffer,
-)
-from mcrelay.tools import payload
-from mcrelay.tools._net import (
+from mcrelay.cli.traffic import payload
+from mcrelay.cli.traffic.net import (
     CMSG_SPACE_TIMESPEC,
     HAVE_KERNEL_TIMESTAMPS,
     MmsgBatch,
@@ -40,6 +33,13 @@ from mcrelay.tools._net import (
     have_mmsg,
     ifindex,
     is_multicast,
+)
+from mcrelay.system.linux import (
+    IP_MULTICAST_ALL,
+    SO_RCVBUFFORCE,
+    SO_TIMESTAMPNS,
+    ip_mreqn,
+    set_buffer,
 )
 
 BATCH = 64

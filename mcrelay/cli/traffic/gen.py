@@ -20,9 +20,8 @@ import time
 
 import msgspec
 
-from mcrelay.system.linux import IP_RECVERR, SO_SNDBUFFORCE, ip_mreqn, set_buffer
-from mcrelay.tools import payload
-from mcrelay.tools._net import (
+from mcrelay.cli.traffic import payload
+from mcrelay.cli.traffic.net import (
     MmsgBatch,
     ToolError,
     have_mmsg,
@@ -30,6 +29,7 @@ from mcrelay.tools._net import (
     is_multicast,
     sockaddr_in,
 )
+from mcrelay.system.linux import IP_RECVERR, SO_SNDBUFFORCE, ip_mreqn, set_buffer
 
 BATCH = 32  # datagrams per sendmmsg: small enough that a burst stays a burst
 _RETRY = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR})

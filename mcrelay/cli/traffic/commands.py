@@ -14,10 +14,10 @@ from typing import Annotated
 
 import typer
 
-from mcrelay.tools import payload
-from mcrelay.tools._net import ToolError
-from mcrelay.tools.gen import run_gen
-from mcrelay.tools.sink import run_sink
+from mcrelay.cli.traffic import payload
+from mcrelay.cli.traffic.gen import run_gen
+from mcrelay.cli.traffic.net import ToolError
+from mcrelay.cli.traffic.sink import run_sink
 
 
 def _ipv4(value: str | None) -> str | None:

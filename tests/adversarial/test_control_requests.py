@@ -1,4 +1,5 @@
-"""Untrusted bytes on the control socket of a live daemon.
+"""Untrusted requests on the control socket of a live daemon: random bytes, random msgpack,
+schema violations of every message a client may send, and well-typed requests with bad values.
 
 The control worker is the only process that parses client input. Whatever a client sends, it
 gets either ``Reply(ok=False, error=...)`` or a closed connection (usually both), never a
@@ -8,63 +9,28 @@ the rule table is what it was (``assert_healthy`` after every example).
 
 from __future__ import annotations
 
-import array
-import collections
-import contextlib
-import json
-import os
-import socket
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mcrelay.ipc import messages as m
-from mcrelay.ipc.framing import MAX_CLIENT_FRAME_SIZE, MORE_FRAGMENTS
 from mcrelay.ipc.replies import public
 from mcrelay.system.logs import LOG_LEVELS
-from mcrelay.worker.control import CLIENT_SEND_TIMEOUT
 from tests.adversarial import (
     HEADER,
     HELLO,
-    Baseline,
     Raw,
     assert_healthy,
     assert_refused,
     call,
-    control_fd_count,
     exchange,
     frame,
-    live_daemon,
     workers_of,
 )
-from tests.lab.daemon import Daemon, wait_for
-
-Live = tuple[Daemon, Baseline]
-TRIED: collections.Counter[str] = collections.Counter()
-
-
-def fuzz(examples: int) -> Any:
-    return settings(
-        deadline=None,
-        max_examples=examples,
-        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    )
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    with live_daemon(tmp_path_factory.mktemp("control-socket")) as (d, base):
-        yield d, base
-        print(json.dumps({"control_socket_inputs": dict(sorted(TRIED.items()))}))
-
-
-# --- strategies -------------------------------------------------------------------------------
+from tests.adversarial.control import RULE, RULE_MAPS, TEMPLATES, TRIED, Live, fuzz
 
 _scalars = (
     st.none()
@@ -93,72 +59,6 @@ KINDS: dict[str, st.SearchStrategy[Any]] = {
     "array": st.lists(msgpack_values, max_size=3),
     "map": st.dictionaries(st.text(max_size=8), msgpack_values, max_size=3),
 }
-
-RULE = {
-    "id": "fz-rule",
-    "input": {"interface": "in0", "group": "239.77.0.1", "port": 7000, "source": None},
-    "outputs": [{"group": "239.78.0.1", "port": 7000, "interface": "out0", "ttl": 16}],
-}
-#: Within a rule: path -> (msgpack kinds the schema accepts there, required).
-RULE_FIELDS: dict[tuple[Any, ...], tuple[set[str], bool]] = {
-    ("id",): ({"str"}, True),
-    ("input",): ({"map"}, True),
-    ("input", "interface"): ({"str"}, True),
-    ("input", "group"): ({"str"}, True),
-    ("input", "port"): ({"int"}, True),
-    ("input", "source"): ({"str", "nil"}, False),
-    ("outputs",): ({"array"}, True),
-    ("outputs", 0): ({"map"}, False),  # an element: wrong type yes, "missing" is not a schema error
-    ("outputs", 0, "group"): ({"str"}, True),
-    ("outputs", 0, "port"): ({"int"}, True),
-    ("outputs", 0, "interface"): ({"str"}, True),
-    ("outputs", 0, "ttl"): ({"int"}, False),
-}
-RULE_MAPS: list[tuple[Any, ...]] = [(), ("input",), ("outputs", 0)]
-
-#: Every message a client may send, as a valid template, with its fields' schema.
-TEMPLATES: dict[str, tuple[dict[str, Any], dict[tuple[Any, ...], tuple[set[str], bool]]]] = {
-    "hello": (
-        {
-            "t": "hello",
-            "version": 1,
-            "role": "client",
-            "worker_id": "",
-            "pid": 0,
-            "log_level": "info",
-        },
-        {
-            ("version",): ({"int"}, True),
-            ("role",): ({"str"}, True),
-            ("worker_id",): ({"str"}, False),
-            ("pid",): ({"int"}, False),
-            ("log_level",): ({"str"}, False),
-        },
-    ),
-    "ping": ({"t": "ping"}, {}),
-    "workers": ({"t": "workers"}, {}),
-    "rules": ({"t": "rules"}, {}),
-    "stats-request": ({"t": "stats-request"}, {}),
-    "add": (
-        {"t": "add", "rule": RULE},
-        {("rule",): ({"map"}, True)} | {("rule", *p): s for p, s in RULE_FIELDS.items()},
-    ),
-    "remove": ({"t": "remove", "id": "fz-none"}, {("id",): ({"str"}, True)}),
-    "log-level-request": (
-        {"t": "log-level-request", "level": None},
-        {("level",): ({"str", "nil"}, False)},
-    ),
-    "restart-worker": ({"t": "restart-worker", "id": "fz-none"}, {("id",): ({"str"}, True)}),
-    "replace-rules": (
-        {"t": "replace-rules", "rules": [RULE]},
-        {("rules",): ({"array"}, True), ("rules", 0): ({"map"}, False)}
-        | {("rules", 0, *p): s for p, s in RULE_FIELDS.items()},
-    ),
-}
-assert set(TEMPLATES) - {"hello"} == {
-    t.__struct_config__.tag
-    for t in m.ClientRequest.__args__  # type: ignore[attr-defined]
-}, "a request type was added: describe it in TEMPLATES"
 MAPS: dict[str, list[tuple[Any, ...]]] = {
     "add": [(), *(("rule", *p) for p in RULE_MAPS)],
     "replace-rules": [(), *(("rules", 0, *p) for p in RULE_MAPS)],
@@ -478,244 +378,3 @@ def test_unknown_ids_and_levels(live: Live, request: dict[str, Any]) -> None:
     finally:
         conn.close()
     assert_healthy(d, base)
-
-
-# --- the hello ---------------------------------------------------------------------------------
-
-
-@fuzz(50)
-@given(version=st.integers(-(2**63), 2**64 - 1).filter(lambda v: v != m.PROTOCOL_VERSION))
-def test_version_mismatch(live: Live, version: int) -> None:
-    d, base = live
-    TRIED["hello: version mismatch"] += 1
-    hello = frame(m.Hello(version=version, role="client"))
-    outcome = exchange(d.socket, hello + frame({"t": "ping"}), hello=False, shut=False)
-    assert_refused(outcome, protocol_error=True)
-    assert f"protocol version {version}" in outcome.frames[0].error
-    assert_healthy(d, base)
-
-
-@pytest.mark.parametrize("role", ["supervisor", "control", "data"])
-def test_hello_with_another_role(live: Live, role: str) -> None:
-    """docs/architecture.md: "an unexpected role ends the channel"."""
-    d, base = live
-    TRIED["hello: wrong role"] += 1
-    hello = frame(m.Hello(version=m.PROTOCOL_VERSION, role=role))  # type: ignore[arg-type]
-    outcome = exchange(d.socket, hello + frame({"t": "ping"}), hello=False, shut=False)
-    assert_refused(outcome, protocol_error=True)
-    assert_healthy(d, base)
-
-
-@pytest.mark.parametrize("tag", sorted(set(TEMPLATES) - {"hello"}))
-def test_request_before_hello(live: Live, tag: str) -> None:
-    d, base = live
-    TRIED["request before hello"] += 1
-    outcome = exchange(d.socket, frame(TEMPLATES[tag][0]), hello=False, shut=False)
-    assert_refused(outcome, protocol_error=True)
-    assert "the first frame must be a hello" in outcome.frames[0].error
-    assert_healthy(d, base)
-
-
-def test_second_hello_is_refused_and_the_connection_stays_usable(live: Live) -> None:
-    d, base = live
-    TRIED["second hello"] += 1
-    conn = Raw(d.socket)
-    try:
-        conn.send(HELLO + HELLO + frame({"t": "ping"}))
-        hello, again, pong = conn.read_frames(3)
-        assert isinstance(hello, m.Hello)
-        assert again == m.Reply(ok=False, error="hello was already exchanged")
-        assert isinstance(pong, m.Reply) and pong.ok
-    finally:
-        conn.close()
-    assert_healthy(d, base)
-
-
-# --- frame boundaries --------------------------------------------------------------------------
-
-
-@fuzz(100)
-@given(
-    length=st.integers(1, MAX_CLIENT_FRAME_SIZE),
-    data=st.data(),
-    hello=st.booleans(),
-    half_close=st.booleans(),
-)
-def test_truncated_frames(
-    live: Live, length: int, data: st.DataObject, hello: bool, half_close: bool
-) -> None:
-    """The header promises N bytes, fewer come, then the client half-closes or goes away."""
-    d, base = live
-    TRIED["truncated frame" + (" (half-open)" if half_close else " (closed)")] += 1
-    sent = data.draw(st.binary(max_size=min(length - 1, 2048)), label="body")
-    payload = HEADER.pack(length) + sent
-    if half_close:
-        outcome = exchange(d.socket, payload, hello=hello)  # SHUT_WR, then read to EOF
-        assert outcome.closed and outcome.frames == [], outcome.frames
-    else:
-        conn = Raw(d.socket)
-        if hello:
-            conn.send(HELLO)
-            conn.read_frames(1)
-        conn.send(payload)
-        conn.close()
-    assert_healthy(d, base)
-
-
-@fuzz(60)
-@given(data=st.data(), hello=st.booleans())
-def test_half_open_after_a_partial_request(live: Live, data: st.DataObject, hello: bool) -> None:
-    """A valid request cut anywhere, then shutdown(SHUT_WR): no answer, connection closed."""
-    d, base = live
-    TRIED["half-open partial request"] += 1
-    tag = data.draw(st.sampled_from(sorted(set(TEMPLATES) - {"hello"})), label="tag")
-    whole = frame(TEMPLATES[tag][0])
-    cut = data.draw(st.integers(1, len(whole) - 1), label="cut")
-    outcome = exchange(d.socket, whole[:cut], hello=hello)
-    assert outcome.closed and outcome.frames == [] and outcome.raw == b""
-    assert_healthy(d, base)
-
-
-@fuzz(50)
-@given(
-    length=st.integers(MAX_CLIENT_FRAME_SIZE + 1, MORE_FRAGMENTS - 1),
-    more=st.booleans(),
-    body=st.binary(max_size=64),
-    hello=st.booleans(),
-)
-def test_oversized_frames_are_refused_before_the_body(
-    live: Live, length: int, more: bool, body: bytes, hello: bool
-) -> None:
-    """Only the header (and a few bytes) are sent: the refusal cannot have waited for the body.
-    The length's top bit says whether more fragments follow; either way the length is checked."""
-    d, base = live
-    TRIED["oversized frame"] += 1
-    prefix = HEADER.pack(length | (MORE_FRAGMENTS if more else 0))
-    outcome = exchange(d.socket, prefix + body, hello=hello, shut=False)
-    assert_refused(outcome, protocol_error=True)
-    assert f"frame of {length} bytes exceeds limit {MAX_CLIENT_FRAME_SIZE}" in (
-        outcome.frames[0].error or ""
-    )
-    assert_healthy(d, base)
-
-
-def _remove_request_of_size(size: int) -> bytes:
-    """A frame whose body is exactly ``size`` bytes: a remove of a long, unknown id."""
-    probe = 100_000  # str32 header from here on, so the body grows one byte per character
-    overhead = len(msgspec.msgpack.encode({"t": "remove", "id": "x" * probe})) - probe
-    body = msgspec.msgpack.encode({"t": "remove", "id": "x" * (size - overhead)})
-    assert len(body) == size
-    return HEADER.pack(size) + body
-
-
-def test_frame_of_exactly_the_limit_is_read_one_more_byte_is_not(live: Live) -> None:
-    d, base = live
-    TRIED["frame at the size limit"] += 2
-    outcome = exchange(d.socket, _remove_request_of_size(MAX_CLIENT_FRAME_SIZE))
-    assert_refused(outcome)
-    assert len(outcome.frames) == 1 and "no rule with id" in (outcome.frames[0].error or "")
-    outcome = exchange(d.socket, _remove_request_of_size(MAX_CLIENT_FRAME_SIZE + 1), shut=False)
-    assert_refused(outcome, protocol_error=True)
-    assert "exceeds limit" in (outcome.frames[0].error or "")
-    assert_healthy(d, base, fds=True)
-
-
-# --- descriptors -------------------------------------------------------------------------------
-
-
-def test_file_descriptors_are_refused_and_closed(live: Live) -> None:
-    """SCM_RIGHTS on the control socket: they used to pile up in the control worker (one client
-    could exhaust its descriptor table, and the next accept() crashed the worker)."""
-    d, base = live
-    control_pid = base.workers["control"][0]
-    null = os.open("/dev/null", os.O_RDONLY)
-    try:
-        for hello in (True, False):
-            TRIED["file descriptors attached"] += 1
-            conn = Raw(d.socket)
-            try:
-                if hello:
-                    conn.send(HELLO)
-                    conn.read_frames(1)
-                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [null] * 60))]
-                payload = frame({"t": "ping"}) if hello else HELLO
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    for _ in range(10):
-                        conn.sock.sendmsg([payload], rights)
-                outcome = conn.read_to_eof()
-            finally:
-                conn.close()
-            assert_refused(outcome, protocol_error=True)
-            assert "file descriptors are not accepted" in (outcome.frames[0].error or "")
-            assert control_fd_count(control_pid) < base.control_fds + 60
-    finally:
-        os.close(null)
-    assert_healthy(d, base, fds=True)
-
-
-# --- clients that stall ------------------------------------------------------------------------
-
-
-def _timed_ping(path: Path) -> float:
-    t0 = time.monotonic()
-    assert call(path, m.Ping(), timeout=5)["pong"] is True
-    return time.monotonic() - t0
-
-
-def test_clients_that_never_send_do_not_hold_up_others(live: Live) -> None:
-    """Not waiting for the idle timeout (30 s): while idle clients sit there, others are served."""
-    d, base = live
-    idle: list[Raw] = []
-    try:
-        for _ in range(20):
-            idle.append(Raw(d.socket))  # connected, nothing sent
-        for _ in range(20):
-            conn = Raw(d.socket)
-            conn.send(HELLO)  # greeted, then silent
-            idle.append(conn)
-        for _ in range(10):
-            conn = Raw(d.socket)
-            conn.send(HELLO + HEADER.pack(100) + b"\x82")  # stuck in the middle of a frame
-            idle.append(conn)
-        TRIED["idle clients"] += len(idle)
-        for _ in range(5):
-            assert _timed_ping(d.socket) < 2.0
-            assert_healthy(d, base)
-        assert not any(c.peer_closed() for c in idle)  # well within their 30 s
-    finally:
-        for conn in idle:
-            conn.close()
-    assert_healthy(d, base, fds=True)
-
-
-def test_client_that_never_reads_its_replies(live: Live) -> None:
-    """Requests pile up unread: the server stops on that client alone, then drops it after
-    CLIENT_SEND_TIMEOUT (5 s)."""
-    d, base = live
-    TRIED["client that never reads"] += 1
-    greedy = Raw(d.socket)
-    try:
-        greedy.send(HELLO)
-        greedy.read_frames(1)
-        greedy.sock.setblocking(False)
-        flood = frame({"t": "workers"}) * 20_000
-        sent = 0
-        with contextlib.suppress(BlockingIOError):
-            while sent < len(flood):
-                sent += greedy.sock.send(flood[sent:])
-        # Meanwhile everyone else is served promptly.
-        for _ in range(5):
-            assert _timed_ping(d.socket) < 2.0
-        assert_healthy(d, base)
-        assert not greedy.peer_closed()
-        wait_for(greedy.peer_closed, timeout=CLIENT_SEND_TIMEOUT + 3)
-    finally:
-        greedy.close()
-    assert_healthy(d, base, fds=True)
-
-
-def test_no_descriptor_leak_after_everything(live: Live) -> None:
-    """Last in the module: every connection above has been closed by the control worker too."""
-    d, base = live
-    assert_healthy(d, base, fds=True)
-    assert base.checks > 0

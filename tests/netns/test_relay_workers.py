@@ -1,0 +1,205 @@
+"""Real packets through a real relay while its data workers are killed, and run unprivileged:
+the flows, counters and ring drops survive a kill -9, and workers from a private Python hold no
+privilege over each other (gen-ns → relay-ns → sink-ns, see tests/lab/relay.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.lab import topology
+from tests.lab.daemon import Daemon, as_user_argv, private_python, wait_for
+from tests.lab.relay import gen, relay_daemon, run_gen, sink
+from tests.netns.relaying import GROUP, OUT_GROUP, OUT_PORT, PORT, add, stats
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(not topology.have_netns(), reason="needs root and ip netns"),
+]
+
+
+def test_kill_one_of_two_data_workers_under_10k_pps(chain: topology.Chain, relay: Daemon) -> None:
+    add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}")
+    # One flow hashes to one worker; whichever carries it, the kernel moves it when it dies.
+    with sink(chain.sink, OUT_GROUP, OUT_PORT, chain.sink_if, "--count", "30000",
+              "--idle-timeout", "3") as s:  # fmt: skip
+        stream = gen(chain.gen, GROUP, PORT, "--rate", "10000", "--count", "30000")
+        time.sleep(1.0)  # mid-stream: the stream itself is the clock here
+        victim = relay.workers()["data-0"]
+        os.kill(victim["pid"], signal.SIGKILL)
+        relay.wait_replaced("data-0", victim["pid"], timeout=5)
+        stream.communicate(timeout=30)
+        report = s.result()
+    print(f"\nkill -9 of one of two data workers at 10k pps: lost {report['lost']} of 30000")
+    assert report["received"] > 30000 * 0.9
+    assert relay.workers()["data-0"]["rules"] == 1
+
+
+def test_counters_survive_a_worker_kill(chain: topology.Chain, relay: Daemon) -> None:
+    add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}")
+    with sink(chain.sink, OUT_GROUP, OUT_PORT, chain.sink_if, "--count", "3000",
+              "--idle-timeout", "2") as s:  # fmt: skip
+        run_gen(chain.gen, GROUP, PORT, "--rate", "10000", "--count", "3000")
+        assert s.result()["received"] == 3000
+    wait_for(lambda: stats(relay)["rules"][0]["packets_in"] == 3000)
+    for w in relay.workers().values():
+        if w["kind"] == "data":
+            os.kill(w["pid"], signal.SIGKILL)
+            relay.wait_replaced(w["id"], w["pid"])
+    assert stats(relay)["rules"][0]["packets_in"] == 3000
+
+
+def _udp_delivered(pid: int) -> int:
+    """UDP datagrams delivered to sockets in the network namespace process ``pid`` is in."""
+    with open(f"/proc/{pid}/net/snmp") as f:
+        header, values = (line.split() for line in f if line.startswith("Udp:"))
+    return int(values[header.index("InDatagrams")])
+
+
+def test_stats_after_a_kill_mid_stream_equal_what_the_sink_received(
+    chain: topology.Chain, tmp_path: Path
+) -> None:
+    """The worker is killed while it relays, between two of its once-a-second pushes: the
+    counts it made since the last one must reach `stats` all the same."""
+    with relay_daemon(chain.relay, tmp_path, "--num-workers", "1") as relay:
+        add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}")
+        victim = relay.workers()["data-0"]["pid"]
+        with sink(chain.sink, OUT_GROUP, OUT_PORT, chain.sink_if, "--count", "6000",
+                  "--idle-timeout", "2") as s:  # fmt: skip
+            before = _udp_delivered(s.proc.pid)
+            stream = gen(chain.gen, GROUP, PORT, "--rate", "10000", "--count", "5000")
+            try:
+                # Mid-stream, by what the sink has: 1,000 of the 5,000 relayed.
+                wait_for(lambda: _udp_delivered(s.proc.pid) - before >= 1000, 10, 0.001)
+                os.kill(victim, signal.SIGKILL)
+                relayed_by_victim = _udp_delivered(s.proc.pid) - before
+            finally:
+                stream.communicate(timeout=30)
+            assert stream.returncode == 0
+            relay.wait_replaced("data-0", victim)
+            run_gen(chain.gen, GROUP, PORT, "--rate", "10000", "--count", "1000")
+            received = s.result()["received"]
+
+        def settled() -> tuple[int, int] | None:
+            (rule,) = stats(relay)["rules"]  # type: ignore[misc]
+            counted = (rule["packets_in"], rule["outputs"][0]["packets"])
+            return counted if counted == (received, received) else None
+
+        print(f"\nkill -9 mid-stream: sink received {received}, the killed worker had relayed "
+              f"about {relayed_by_victim} of 5000")  # fmt: skip
+        assert 2000 <= received < 6000
+        try:
+            wait_for(settled, timeout=5)
+        except AssertionError:
+            (rule,) = stats(relay)["rules"]  # type: ignore[misc]
+            raise AssertionError(
+                f"sink received {received}, stats count {rule['packets_in']} in and "
+                f"{rule['outputs'][0]['packets']} out"
+            ) from None
+
+
+def test_ring_drops_of_a_killed_worker_reach_stats(chain: topology.Chain, tmp_path: Path) -> None:
+    """A stopped worker's ring overflows and it is killed before it can report: the drops the
+    kernel counted since its last report reach `stats` all the same (the supervisor reads them
+    from its own copy of the capture socket when the worker is gone)."""
+    sent = 20_000
+    with relay_daemon(chain.relay, tmp_path, "--num-workers", "1") as relay:
+        add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}")
+        victim = relay.workers()["data-0"]["pid"]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            run_gen(chain.gen, GROUP, PORT, "--rate", "20000", "--count", str(sent))
+        finally:
+            os.kill(victim, signal.SIGKILL)
+        relay.wait_replaced("data-0", victim)
+        # The ring holds 64 blocks, each closed after 2 ms: at most a few thousand frames.
+        drops = wait_for(lambda: (k := int(stats(relay)["kernel_drops"])) > 0 and k, 5)  # type: ignore[call-overload]
+        print(f"\n{sent} datagrams to a stopped, then killed worker: {drops} ring drops counted")
+        assert sent // 2 <= drops <= sent
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+#: As another user: try to ptrace-attach to and to signal (signal 0: a permission check only)
+#: each pid given; prints one "pid attach-errno kill-errno" line per pid (0 = it worked).
+PROBE = r"""
+import ctypes, errno, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for pid in map(int, sys.argv[1:]):
+    attached = libc.ptrace(16, pid, None, None)  # PTRACE_ATTACH
+    attach_err = 0 if attached == 0 else ctypes.get_errno()
+    if attached == 0:
+        libc.ptrace(17, pid, None, None)  # PTRACE_DETACH
+    try:
+        os.kill(pid, 0)
+        kill_err = 0
+    except OSError as exc:
+        kill_err = exc.errno
+    print(pid, attach_err, kill_err)
+"""
+
+
+def _probe(uid: int, gid: int, *pids: int) -> dict[int, tuple[int, int]]:
+    out = subprocess.run(
+        as_user_argv(uid, gid, [], PROBE, *map(str, pids)),
+        check=True, capture_output=True, text=True, timeout=30,
+    ).stdout  # fmt: skip
+    return {int(p): (int(a), int(k)) for p, a, k in (line.split() for line in out.splitlines())}
+
+
+def test_workers_relay_without_privileges_from_a_private_python(
+    chain: topology.Chain, tmp_path: Path
+) -> None:
+    """Workers drop everything themselves, also when only root can read the interpreter (a venv
+    inside a 0700 directory, like a Python under /root): not root, no capabilities,
+    no_new_privs, not dumpable, control and data under different uids that can neither trace
+    nor signal each other, and packets still relayed."""
+    with (
+        private_python() as python,
+        relay_daemon(chain.relay, tmp_path, "--num-workers", "2", python=python) as relay,
+    ):
+        add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}")
+        with sink(chain.sink, OUT_GROUP, OUT_PORT, chain.sink_if, "--count", "1000",
+                  "--idle-timeout", "2") as s:  # fmt: skip
+            run_gen(chain.gen, GROUP, PORT, "--rate", "10000", "--count", "1000")
+            assert s.result()["received"] == 1000
+        workers = relay.workers()
+        uids: dict[str, tuple[int, int]] = {}
+        for worker in workers.values():
+            pid = worker["pid"]
+            status = _status(pid)
+            uid, gid = int(status["Uid"].split()[0]), int(status["Gid"].split()[0])
+            assert uid != 0, worker["id"]
+            assert status["Uid"].split() == [str(uid)] * 4  # real, effective, saved, fs
+            assert int(status["CapEff"], 16) == 0
+            assert int(status["CapPrm"], 16) == 0
+            assert int(status["CapBnd"], 16) == 0
+            assert status["NoNewPrivs"].strip() == "1"
+            # Not dumpable: the kernel gives the task's /proc files to root (the /proc/PID
+            # directory itself keeps the euid, by design, so ps can show the user).
+            for entry in ("fd", "mem", "environ", "status"):
+                assert os.stat(f"/proc/{pid}/{entry}").st_uid == 0, f"{worker['id']} {entry}"
+            uids[worker["id"]] = (uid, gid)
+        assert _status(relay.proc.pid)["Uid"].split()[0] == "0"
+        control = workers["control"]["pid"]
+        data = [w["pid"] for k, w in workers.items() if k.startswith("data-")]
+        assert uids["control"][0] not in {uids[k][0] for k in workers if k.startswith("data-")}
+        eperm = (errno.EPERM, errno.EPERM)
+        # The data workers' user can neither trace nor signal the control worker, nor (not
+        # dumpable) trace a data worker of its own uid; and the other way round.
+        as_data = _probe(*uids["data-0"], control, *data)
+        assert as_data[control] == eperm
+        assert all(as_data[pid][0] == errno.EPERM for pid in data)
+        as_control = _probe(*uids["control"], control, *data)
+        assert all(as_control[pid] == eperm for pid in data)
+        assert as_control[control][0] == errno.EPERM
