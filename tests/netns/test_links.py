@@ -170,6 +170,8 @@ def test_output_interface_recreated_between_two_sends(
             (rule,) = json.loads(d.ok("stats", "--json"))["rules"]
             return int(rule["outputs"][0]["packets"])
 
+        # `add` waits for the worker's ack only so long: under load, wait for it here
+        wait_for(lambda: d.workers()["data-0"]["rules"] == 1)
         run_gen(c.gen, GROUP, PORT, "--count", "100")
         wait_for(lambda: sent() == 100)
         recreate_veth(c.relay, c.relay_out, f"{c.relay_out_addr}/24", c.sink, c.sink_if, tmp_path)
