@@ -30,6 +30,7 @@ from tests.lab.bench.topology import (
     Topo,
     cpu_list,
 )
+from tests.lab.processes import poll
 from tests.lab.topology import Netns
 
 
@@ -60,14 +61,10 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
 
 
 def wait_until(pred: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(interval)
+    value = poll(pred, timeout, interval)
+    if not value:
+        raise RuntimeError(f"timed out waiting for {what}")
+    return value
 
 
 def ctl(path: Path, req: Any, timeout: float = 20.0) -> Any:
