@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 
 
@@ -69,6 +70,18 @@ def veth(a: Netns, a_if: str, a_addr: str | None, b: Netns, b_if: str, b_addr: s
         if addr:
             ns.ip("addr", "add", addr, "dev", ifname)
         ns.ip("link", "set", ifname, "up")
+    for ns, ifname in ((a, a_if), (b, b_if)):
+        wait_running(ns, ifname)
+
+
+def wait_running(ns: Netns, ifname: str, timeout: float = 5.0) -> None:
+    """Until ``ifname`` has its carrier (operstate up): the kernel sets it a moment after the
+    link is set up, and a relay that sees it change would re-create its captures meanwhile."""
+    deadline = time.monotonic() + timeout
+    while ns.run("cat", f"/sys/class/net/{ifname}/operstate").strip() != "up":
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{ifname} in {ns.name} is not up within {timeout} s")
+        time.sleep(0.01)
 
 
 @dataclasses.dataclass(frozen=True)
