@@ -112,7 +112,8 @@ def test_ring_drops_of_a_killed_worker_reach_stats(chain: topology.Chain, tmp_pa
     sent = 20_000
     with relay_daemon(chain.relay, tmp_path, "--num-workers", "1") as relay:
         add(relay, chain, f"{OUT_GROUP}:{OUT_PORT}:{chain.relay_out}")
-        victim = relay.workers()["data-0"]["pid"]
+        # `add` waits for the worker's ack only so long: stop it once it holds the rule
+        victim = wait_for(lambda: (w := relay.workers()["data-0"])["rules"] == 1 and w["pid"])
         os.kill(victim, signal.SIGSTOP)
         try:
             run_gen(chain.gen, GROUP, PORT, "--rate", "20000", "--count", str(sent))
