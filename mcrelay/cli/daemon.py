@@ -117,7 +117,12 @@ def supervisor_command(
         bool, typer.Option(help="Exit non-zero when a worker exceeds its restart intensity.")
     ] = DAEMON.exit_on_fatal,
     backoff_initial: Annotated[
-        float, typer.Option(help="First restart delay, seconds.", min=MINIMUM["backoff_initial"])
+        float,
+        typer.Option(
+            help="Restart delay after a second consecutive failure (the first is restarted at "
+            "once), doubling up to --backoff-max; seconds.",
+            min=MINIMUM["backoff_initial"],
+        ),
     ] = DAEMON.backoff_initial,
     backoff_max: Annotated[
         float, typer.Option(help="Restart delay cap, seconds.", min=MINIMUM["backoff_max"])
@@ -132,9 +137,18 @@ def supervisor_command(
     heartbeat_timeout: Annotated[
         float,
         typer.Option(
-            help="A worker silent this long is killed, seconds.", min=MINIMUM["heartbeat_timeout"]
+            help="The control worker silent this long is killed, seconds.",
+            min=MINIMUM["heartbeat_timeout"],
         ),
     ] = DAEMON.heartbeat_timeout,
+    data_heartbeat_timeout: Annotated[
+        float,
+        typer.Option(
+            help="A data worker silent this long is killed and replaced (its rings keep its "
+            "traffic meanwhile), seconds.",
+            min=MINIMUM["data_heartbeat_timeout"],
+        ),
+    ] = DAEMON.data_heartbeat_timeout,
     max_failures: Annotated[
         int,
         typer.Option(
@@ -180,6 +194,7 @@ def supervisor_command(
         backoff_max=backoff_max,
         stable_after=stable_after,
         heartbeat_timeout=heartbeat_timeout,
+        data_heartbeat_timeout=data_heartbeat_timeout,
         max_failures=max_failures,
         failure_window=failure_window,
         metrics_listen=metrics_listen,

@@ -18,8 +18,9 @@ option on the socket. The filter stays the supervisor's as well: it keeps a copy
 descriptor while the worker lives and replaces the filter in place with `bpf.attach` when rules
 change.
 
-The supervisor closes its copy as soon as the worker is gone: a fanout member that outlives its
-worker keeps receiving its share of the flows, which then go nowhere.
+The supervisor keeps its copy when the worker dies, and hands it to the replacement: the frames
+that arrive meanwhile wait in the ring, and a fanout member's share of the flows waits for its
+next reader instead of going to nobody (`mcrelay.supervisor.captures` says when it lets go).
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ from mcrelay.system.linux import (
 
 __all__ = ["CAPTURE_RING", "open_capture_socket"]
 
-#: The ring of every capture socket: 64 blocks of 1 MiB, a block handed over when full or
-#: after 2 ms. The only place these values are written; the worker gets them with the socket.
-CAPTURE_RING = CaptureSpec(block_size=1 << 20, block_count=64, frame_size=2048, retire_ms=2)
+#: The ring of every capture socket: 512 blocks of 128 KiB (64 MiB), a block handed over when
+#: full or after 2 ms. It also holds what arrives while no worker reads it (a worker died and
+#: its replacement is starting): every retire timeout closes a block however few frames it
+#: holds, so at low rates the ring covers 512 x 2 ms, about 1 s, and at high rates 64 MiB of
+#: frames, about 58,000 datagrams of 1 KiB (0.58 s at 100k pps; at 20k pps the blocks run out
+#: first, after 1 s). docs/architecture.md § "A data worker's death" has the table. The only
+#: place these values are written; the worker gets them with the socket.
+CAPTURE_RING = CaptureSpec(block_size=1 << 17, block_count=512, frame_size=2048, retire_ms=2)
 
 # Only frames queued between bind and ring setup use this: with a TPACKET_V3 ring the kernel
 # writes into the ring and never charges the receive buffer.

@@ -323,8 +323,10 @@ async def relay_forever(
                 if not ring.resync():
                     await trio.sleep(0.001)
                 continue
+        block.begin()  # recorded in the ring: a successor knows this block was begun
         try:
             counts = relay_block(block, routes.table, batch, slow)
+            block.end()
         finally:
             block.release()
         if block.losing:

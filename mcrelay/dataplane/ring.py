@@ -7,6 +7,14 @@ block is still held, the kernel freezes the queue and drops frames until the nex
 order comes back, so blocks must be released promptly, and only after egress is done with
 buffers that point into them.
 
+The ring outlives its reader: the supervisor keeps the socket when a data worker dies, frames
+keep landing in the ring, and the replacement maps the same ring (`RxRing.take_over`) and goes
+on from the oldest block nobody released. Each block's private area (which the kernel never
+writes) records how far its reader got: the block's sequence number when relaying began, and
+again when it ended, so a successor tells a block nobody touched from one its predecessor had
+half sent (relayed again: its receivers see duplicates, never a hole) or fully sent but not yet
+released (released at once).
+
 Layouts (<linux/if_packet.h>), little-endian on every architecture Linux runs this on:
 ``tpacket_block_desc`` (48 bytes: version, offset_to_priv, block_status, num_pkts,
 offset_to_first_pkt, blk_len, seq_num, timestamps), then frames, each a ``tpacket3_hdr``
@@ -16,6 +24,7 @@ offset_to_first_pkt, blk_len, seq_num, timestamps), then frames, each a ``tpacke
 from __future__ import annotations
 
 import ctypes
+import enum
 import errno
 import mmap
 import socket
@@ -39,12 +48,25 @@ from mcrelay.system.linux import (
     TPACKET_V3,
 )
 
-__all__ = ["Block", "Frame", "RingStats", "RxRing", "configure", "read_statistics"]
+__all__ = [
+    "Block",
+    "BlockProgress",
+    "Frame",
+    "RingStats",
+    "RxRing",
+    "Takeover",
+    "configure",
+    "read_statistics",
+]
 
 # tpacket_block_desc: block_status, num_pkts, offset_to_first_pkt, blk_len, seq_num
 _BLOCK = struct.Struct("<8xIIII Q")
 _STATUS = struct.Struct("<I")
 _BLOCK_STATUS_AT = 8
+_PRIV_AT = struct.Struct("<4xI")  # offset_to_priv
+# The block's private area: the seq it had when relaying it began, and when it ended.
+_PROGRESS = struct.Struct("<QQ")
+PRIV_BYTES = _PROGRESS.size
 # tpacket3_hdr: next_offset, snaplen, len, status, mac, vlan_tci; sockaddr_ll: pkttype
 _FRAME = struct.Struct("<I8xIIIH6xI22xB")
 _STATS = struct.Struct("=III")
@@ -74,7 +96,7 @@ class RingStats:
 class Block:
     """A block the kernel handed over; walk it, then `release` it exactly once."""
 
-    __slots__ = ("_released", "count", "first", "index", "offset", "ring", "seq", "status")
+    __slots__ = ("_released", "count", "first", "index", "offset", "priv", "ring", "seq", "status")
 
     def __init__(self, ring: RxRing, index: int, offset: int) -> None:
         status, count, first, _length, seq = _BLOCK.unpack_from(ring.buffer, offset)
@@ -85,6 +107,7 @@ class Block:
         self.count = count  # frames in the block
         self.first = offset + first  # of the first frame header in ring.buffer
         self.seq = seq
+        self.priv = offset + _PRIV_AT.unpack_from(ring.buffer, offset)[0]
         self._released = False
 
     @property
@@ -102,12 +125,48 @@ class Block:
             yield Frame(off + mac, snaplen, length, pkttype, status, vlan)
             off += nxt
 
+    def progress(self) -> BlockProgress:
+        """How far a reader of this ring got with this block (`begin`/`end` recorded it)."""
+        began, ended = _PROGRESS.unpack_from(self.ring.buffer, self.priv)
+        seq = self.seq
+        if ended == seq:
+            return BlockProgress.SENT
+        return BlockProgress.HALF_SENT if began == seq else BlockProgress.UNTOUCHED
+
+    def begin(self) -> None:
+        """Record, in the ring, that relaying this block has begun (for a successor)."""
+        _PROGRESS.pack_into(self.ring.buffer, self.priv, self.seq, 0)
+
+    def end(self) -> None:
+        """Record that every frame of this block was handed to the kernel for sending."""
+        _PROGRESS.pack_into(self.ring.buffer, self.priv, self.seq, self.seq)
+
     def release(self) -> None:
         """Hand the block back to the kernel; nothing may point into it any more."""
         if self._released:
             return
         self._released = True
         _STATUS.pack_into(self.ring.buffer, self.offset + _BLOCK_STATUS_AT, TP_STATUS_KERNEL)
+
+
+class BlockProgress(enum.Enum):
+    """What the ring says a reader did with a block it had not released."""
+
+    UNTOUCHED = "untouched"
+    HALF_SENT = "half-sent"  # relaying began and did not end: some frames may have left
+    SENT = "sent"  # every frame left; only the release is missing
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """What a new reader found in a ring its predecessor left: blocks held (filled, never
+    released) and their frames, and the frames of a block the predecessor had half sent."""
+
+    blocks: int
+    frames: int
+    half_sent_frames: int
+    #: Blocks the predecessor had sent in full but not released: released without relaying.
+    sent_blocks: int
 
 
 def configure(sock: socket.socket, spec: CaptureSpec) -> None:
@@ -127,7 +186,7 @@ def configure(sock: socket.socket, spec: CaptureSpec) -> None:
         raise ValueError("block_count and retire_ms must be positive")
     req = _REQ3.pack(
         block_size, block_count, frame_size, (block_size // frame_size) * block_count,
-        retire_ms, 0, 0,
+        retire_ms, PRIV_BYTES, 0,
     )  # fmt: skip
     try:
         sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
@@ -145,10 +204,9 @@ class RxRing:
 
     The ring is already on the socket, installed with `configure` from the same `spec` (by the
     supervisor, before bind): this only maps it, so a data worker never sets an option on a
-    capture socket. With `CAPTURE_RING` (`mcrelay.dataplane.capture`) that is 64 blocks of
-    1 MiB (about 60k frames of 1 KiB payload, a quarter second at 250k pps) and a 2 ms retire
-    timeout, so a lone frame waits at most that long (rounded up to a jiffy on kernels whose
-    retire timer is jiffy based).
+    capture socket: `mcrelay.dataplane.capture.CAPTURE_RING` says how much it holds. A block is
+    handed over when full or after its retire timeout, so a lone frame waits at most that long
+    (rounded up to a jiffy on kernels whose retire timer is jiffy based).
     """
 
     def __init__(self, sock: socket.socket, spec: CaptureSpec) -> None:
@@ -179,21 +237,54 @@ class RxRing:
         self._next = (self._next + 1) % self.block_count
         return block
 
-    def resync(self) -> bool:
-        """Point `next_block` at the oldest block user space holds; False if it holds none.
+    def take_over(self) -> Takeover:
+        """Start from the oldest block a previous reader left held, and release at once the
+        blocks it had sent in full; what was found. A new ring holds none: nothing changes.
 
-        Only for a loop that polled readable but found its next block not ready: the kernel
-        and this reader walk the ring in the same order from block 0, so this should not happen.
+        When nothing is held the kernel's current block is unknown here; `next_block` then
+        finds nothing when the socket polls readable, and `resync` points it at the block.
         """
+        held = self._held()
+        blocks = frames = half_sent = sent = 0
+        first = True
+        for _seq, index in held:
+            block = Block(self, index, index * self.block_size)
+            progress = block.progress()
+            if first and progress is BlockProgress.SENT:
+                block.release()  # only the release was missing
+                sent += 1
+                continue
+            first = False
+            blocks += 1
+            frames += block.count
+            if progress is BlockProgress.HALF_SENT:
+                half_sent += block.count
+        remaining = [index for _seq, index in held[sent:]]
+        if remaining:
+            self._next = remaining[0]
+        return Takeover(blocks, frames, half_sent, sent)
+
+    def _held(self) -> list[tuple[int, int]]:
+        """(seq, index) of every block user space holds, oldest first."""
         held = []
         for index in range(self.block_count):
             offset = index * self.block_size
             status, _count, _first, _length, seq = _BLOCK.unpack_from(self.buffer, offset)
             if status & TP_STATUS_USER:
                 held.append((seq, index))
+        return sorted(held)
+
+    def resync(self) -> bool:
+        """Point `next_block` at the oldest block user space holds; False if it holds none.
+
+        For a loop that polled readable but found its next block not ready: the kernel and a
+        reader of a new ring walk it in the same order from block 0, but a reader that took
+        over a ring in which nothing was held does not know where the kernel is.
+        """
+        held = self._held()
         if not held:
             return False
-        self._next = min(held)[1]
+        self._next = held[0][1]
         return True
 
     def stats(self) -> RingStats:

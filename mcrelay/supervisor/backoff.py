@@ -8,17 +8,27 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class BackoffPolicy:
+    """When a failed worker is started again.
+
+    The first failure after a stable run is restarted at once: a data worker's replacement
+    takes over its capture rings, so a prompt restart loses nothing, and one crash says
+    nothing about the next. From the second consecutive failure on the delay starts at
+    ``initial`` and doubles up to ``maximum``, so a crash loop costs little CPU; the restart
+    intensity (`RestartIntensity`) calls a worker fatal if it fails too often all the same.
+    """
+
+    #: The delay after the second consecutive failure.
     initial: float = 0.25
     maximum: float = 16.0
-    #: A worker that ran this long before dying starts over at ``initial``.
+    #: A worker that ran this long before dying counts its failures from one again.
     stable_after: float = 30.0
 
     def delay(self, consecutive_failures: int) -> float:
         """Delay before the restart that follows the n-th consecutive failure (n >= 1)."""
-        if consecutive_failures <= 0:
-            return self.initial
+        if consecutive_failures <= 1:
+            return 0.0
         # Cap the exponent so huge failure counts never overflow a float.
-        exponent = min(consecutive_failures - 1, 64)
+        exponent = min(consecutive_failures - 2, 64)
         return min(self.initial * float(2**exponent), self.maximum)
 
 

@@ -1,15 +1,21 @@
 """Kernel-side plumbing for data workers: capture sockets, their filters, group memberships.
 
 The supervisor is the only privileged process, so it opens every AF_PACKET socket and passes it
-to a data worker over the socketpair. It keeps its own copy while that worker process lives,
-because the socket's BPF filter is the supervisor's: it attaches it before bind and replaces it
-in place when the rules on that interface change; the worker only maps the ring and never sets
-an option on the socket. When the worker is reaped the supervisor closes its copy, so the socket
-dies with the worker and the kernel moves its share of the fanout group to the other workers.
+to a data worker over the socketpair. It keeps its own copy, because the socket's BPF filter is
+the supervisor's: it attaches it before bind and replaces it in place when the rules on that
+interface change; the worker only maps the ring and never sets an option on the socket.
 
-The core tells it facts (the rules are now these, this worker is starting, that one is gone) and
-never is called back: it keeps its own copy of the rules, the workers it was told about and its
-own lock, so an interface that comes or goes is followed without asking the core anything.
+The sockets belong to the worker *slot*, not to one process. When a worker dies the supervisor
+keeps them: frames go on landing in their rings (a fanout member keeps its share of the flows),
+and the replacement is handed the same sockets and relays what waited (`RxRing.take_over`). Only
+when the replacement is due later than a ring can cover (`KEEP_RINGS_FOR`: a crash loop's longer
+backoff) are they closed, so the kernel moves their share to the other workers instead of
+keeping stale frames for a worker that is not coming soon.
+
+The core tells it facts (the rules are now these, this worker is starting, that one is gone,
+it comes back in so long) and never is called back: it keeps its own copy of the rules, the
+workers it was told about and its own lock, so an interface that comes or goes is followed
+without asking the core anything.
 """
 
 from __future__ import annotations
@@ -62,6 +68,9 @@ def wanted_memberships(rules: tuple[Rule, ...]) -> set[tuple[str, str]]:
 
 #: How often joins that failed for lack of descriptors or memory are tried again, seconds.
 _SHORTAGE_RETRY = 1.0
+#: A dead worker's capture sockets are kept for a replacement due within this many seconds: about
+#: what a ring holds at low rates (`CAPTURE_RING`: 512 blocks, each closed after 2 ms at most).
+KEEP_RINGS_FOR = 1.0
 _RULE_STATES = {
     LinkState.UP: RuleState.ACTIVE,
     LinkState.DOWN: RuleState.PAUSED,
@@ -85,9 +94,11 @@ class KernelCaptures:
         self.memberships = Memberships()
         self._fanout: dict[str, int] = {}
         self._next_fanout = itertools.count((os.getpid() * 97) & 0xFFFF)
-        #: Per worker incarnation (id, pid): the capture socket of each interface it holds
-        #: (the supervisor's copy, through which the filter is replaced).
-        self._held: dict[tuple[str, int | None], dict[str, socket.socket]] = {}
+        #: Per worker slot: the capture socket of each interface it holds (the supervisor's
+        #: copy, through which the filter is replaced), kept across the slot's processes.
+        self._held: dict[str, dict[str, socket.socket]] = {}
+        #: Per worker slot: the process its held sockets were last handed to.
+        self._handed: dict[str, int | None] = {}
         #: The filter every capture socket on an interface carries, compiled once per change.
         self._programs: dict[str, list[bpf.Instruction]] = {}
         self._warned: set[str] = set()
@@ -100,28 +111,40 @@ class KernelCaptures:
         return [worker for worker in self._workers.values() if worker.channel_ready]
 
     async def worker_starting(self, worker: WorkerSlot, rules: tuple[Rule, ...]) -> None:
-        """Send a starting data worker a capture socket for each input interface of ``rules``
-        it does not hold yet (it is told those rules next)."""
+        """Send a starting data worker the capture sockets its slot holds (kept from its
+        predecessor, frames waiting in their rings) and one for each other input interface of
+        ``rules`` (it is told those rules next)."""
         async with self._lock:
             self._workers[worker.id] = worker
-            key = (worker.id, worker.pid)
-            for stale in [k for k in self._held if k[0] == worker.id and k != key]:
-                self._release(stale)
-            held = self._held.setdefault(key, {})
+            held = self._held.setdefault(worker.id, {})
+            if self._handed.get(worker.id) != worker.pid:
+                self._handed[worker.id] = worker.pid
+                for interface, sock in sorted(held.items()):
+                    await self._hand_over(worker, interface, sock, provisioning=True)
             for interface in sorted(input_interfaces(rules) - set(held)):
                 await self._attach(worker, interface, rules, provisioning=True)
 
-    def worker_gone(self, worker_id: str, pid: int) -> int:
-        """Worker process ``pid`` has been reaped: close what was held for it; the frames its
-        rings dropped since it last read their counters."""
+    def worker_gone(self, worker_id: str, pid: int) -> None:
+        """Worker process ``pid`` has been reaped. Its capture sockets are kept for its
+        replacement, which reads their drop counters too."""
+        if self._handed.get(worker_id) == pid:
+            self._handed[worker_id] = None
         self._workers.pop(worker_id, None)
-        return self._release((worker_id, pid))
 
-    def _release(self, key: tuple[str, int | None]) -> int:
-        """Close the capture sockets of a worker process; the frames their rings dropped since
-        the worker last read the counters (which it can no longer report)."""
+    def worker_delayed(self, worker_id: str, delay: float) -> int:
+        """The slot's next worker starts in ``delay`` seconds. Longer than a ring covers: close
+        its capture sockets, so the other workers take its share of the flows (the next one
+        gets new sockets); the frames their rings dropped, which nobody will report."""
+        if delay <= KEEP_RINGS_FOR:
+            return 0
+        return self._release(worker_id)
+
+    def _release(self, worker_id: str) -> int:
+        """Close the capture sockets of a worker slot; the frames their rings dropped since a
+        worker last read the counters (which no worker will report)."""
         drops = 0
-        for sock in self._held.pop(key, {}).values():
+        self._handed.pop(worker_id, None)
+        for sock in self._held.pop(worker_id, {}).values():
             with contextlib.suppress(OSError):
                 drops += ring.read_statistics(sock)[1]
             sock.close()
@@ -161,7 +184,7 @@ class KernelCaptures:
                 rules = self._rules
                 self._join(rules)
                 for slot in self._live():
-                    held = self._held.setdefault((slot.id, slot.pid), {})
+                    held = self._held.setdefault(slot.id, {})
                     for interface in sorted(input_interfaces(rules) - set(held)):
                         known = self._links.get(interface)
                         if known is not None and known.state is LinkState.UP:
@@ -194,8 +217,8 @@ class KernelCaptures:
             log.warning("input interface %s is down: its rules are paused", interface)
             return
         self.memberships.forget(interface)
-        for slot in slots:
-            await self._detach(slot, interface)
+        for worker_id in list(self._held):
+            await self._detach(worker_id, interface)
         if state is LinkState.ABSENT:
             log.warning("input interface %s is gone: its rules are unresolved", interface)
             return
@@ -222,10 +245,11 @@ class KernelCaptures:
                 self._links[interface] = link(interface)
             self._join(rules)
             self._refresh_filters(rules)
-            for slot in self._live():
-                held = self._held.setdefault((slot.id, slot.pid), {})
+            for worker_id, held in list(self._held.items()):
                 for interface in sorted(set(held) - interfaces):
-                    await self._detach(slot, interface)
+                    await self._detach(worker_id, interface)
+            for slot in self._live():
+                held = self._held.setdefault(slot.id, {})
                 for interface in sorted(interfaces - set(held)):
                     await self._attach(slot, interface, rules, provisioning=False)
             for interface in set(self._fanout) - interfaces:
@@ -256,10 +280,14 @@ class KernelCaptures:
                 except OSError as exc:
                     log.error("cannot update the capture filter on %s: %s", interface, exc)
 
-    async def _detach(self, slot: WorkerSlot, interface: str) -> None:
-        sock = self._held.get((slot.id, slot.pid), {}).pop(interface, None)
-        if sock is not None:
-            sock.close()
+    async def _detach(self, worker_id: str, interface: str) -> None:
+        """Close the slot's capture socket on ``interface``; tell its worker if one runs."""
+        sock = self._held.get(worker_id, {}).pop(interface, None)
+        if sock is None:
+            return
+        sock.close()
+        slot = self._workers.get(worker_id)
+        if slot is not None and slot.channel_ready:
             await slot.send(m.DetachCapture(interface=interface))
 
     async def _attach(
@@ -276,21 +304,19 @@ class KernelCaptures:
                 self._shortage.set()  # retried by _retry_shortages
             return
         self._warned.discard(interface)
-        held = self._held.setdefault((slot.id, slot.pid), {})
-        held[interface] = sock
+        self._held.setdefault(slot.id, {})[interface] = sock
+        await self._hand_over(slot, interface, sock, provisioning=provisioning)
+
+    async def _hand_over(
+        self, slot: WorkerSlot, interface: str, sock: socket.socket, *, provisioning: bool
+    ) -> None:
+        """Send a held capture socket to ``slot``'s worker. If that worker is gone (or going)
+        the socket stays held for its replacement."""
         message = m.AttachCapture(interface=interface, ring=CAPTURE_RING)
-        sent = False
-        try:
-            if provisioning:
-                await slot.send_during_provisioning(message, [sock.fileno()])
-                sent = True
-            else:
-                sent = await slot.send(message, [sock.fileno()])
-        finally:
-            if not sent:  # the worker is gone (or going): nobody holds this socket
-                if held.get(interface) is sock:
-                    del held[interface]
-                sock.close()
+        if provisioning:
+            await slot.send_during_provisioning(message, [sock.fileno()])
+        else:
+            await slot.send(message, [sock.fileno()])
 
     def _open(self, interface: str, rules: tuple[Rule, ...]) -> socket.socket:
         program = self._program(interface, rules)
@@ -314,6 +340,6 @@ class KernelCaptures:
 
     def close(self) -> None:
         """Close every capture socket and leave every group (the daemon is ending)."""
-        for key in list(self._held):
-            self._release(key)
+        for worker_id in list(self._held):
+            self._release(worker_id)
         self.memberships.close()

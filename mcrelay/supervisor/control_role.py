@@ -54,6 +54,12 @@ class ControlRole:
     def released(self, slot: WorkerSlot, pid: int) -> None:
         return None
 
+    def delayed(self, slot: WorkerSlot, delay: float) -> None:
+        return None
+
+    def owes_ack(self, slot: WorkerSlot) -> bool:
+        return False  # it is never sent rules
+
     async def handle(self, slot: WorkerSlot, message: Any, nursery: trio.Nursery) -> None:
         if isinstance(message, m.ControlRequest):
             # Not in this worker's nursery: a change must not be cut off if this worker dies.

@@ -63,9 +63,13 @@ class CapturePlumbing(Protocol):
         """Send a starting data worker the capture sockets ``rules`` need that it lacks."""
         ...
 
-    def worker_gone(self, worker_id: str, pid: int) -> int:
-        """Worker process ``pid`` has been reaped: drop what was held for it, and say how many
-        frames its rings dropped since it last read their counters."""
+    def worker_gone(self, worker_id: str, pid: int) -> None:
+        """Worker process ``pid`` has been reaped (what its slot holds waits for the next)."""
+        ...
+
+    def worker_delayed(self, worker_id: str, delay: float) -> int:
+        """The slot's next worker starts in ``delay`` s: let go of what would not wait that
+        long; how many frames its rings dropped since a worker last read their counters."""
         ...
 
     def rule_state(self, rule: Rule) -> RuleState:

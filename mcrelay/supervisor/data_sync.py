@@ -158,8 +158,15 @@ class DataRole:
         finally:
             os.close(fd)
 
+    def delayed(self, slot: WorkerSlot, delay: float) -> None:
+        self._stats.retire_kernel_drops(self._captures.worker_delayed(slot.id, delay))
+
+    def owes_ack(self, slot: WorkerSlot) -> bool:
+        acked: int = self.sync[slot.id].acked_seq.value
+        return acked < self._table.seq
+
     def released(self, slot: WorkerSlot, pid: int) -> None:
-        late_drops = self._captures.worker_gone(slot.id, pid)
+        self._captures.worker_gone(slot.id, pid)
         table = self._table
         try:
             final = self._counter_pages.take(slot.id, pid, table.rules)
@@ -167,7 +174,6 @@ class DataRole:
             log.exception("reading the counter page of %s (pid %d) failed", slot.id, pid)
             final = None
         lowered = self._stats.retire(slot.id, pid, final, table.by_id)
-        self._stats.retire_kernel_drops(late_drops)
         if lowered:
             log.warning(
                 "worker %s (pid %d) left %d counters in its counter page below what it had "

@@ -32,6 +32,7 @@ MINIMUM: dict[str, int | float] = {
     "backoff_max": 0.001,
     "stable_after": 0,
     "heartbeat_timeout": 0.1,
+    "data_heartbeat_timeout": 0.05,
     "max_failures": 1,
     "failure_window": 1,
 }
@@ -74,6 +75,7 @@ class DaemonOptions:
     backoff_max: float = _DEFAULT.backoff.maximum
     stable_after: float = _DEFAULT.backoff.stable_after
     heartbeat_timeout: float = _DEFAULT.heartbeat_timeout
+    data_heartbeat_timeout: float = _DEFAULT.data_heartbeat_timeout
     max_failures: int = _DEFAULT.max_failures
     failure_window: float = _DEFAULT.failure_window
     metrics_listen: str | None = None
@@ -126,6 +128,7 @@ class DaemonOptions:
             heartbeat_timeout=self.heartbeat_timeout,
             # Three beats per timeout, never slower than the default beat.
             heartbeat_interval=min(_DEFAULT.heartbeat_interval, self.heartbeat_timeout / 3),
+            data_heartbeat_timeout=self.data_heartbeat_timeout,
             log_level=self.log_level,
         )
 

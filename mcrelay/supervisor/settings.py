@@ -26,8 +26,14 @@ class SupervisorSettings:
     max_failures: int = 10
     failure_window: float = 60.0
     exit_on_fatal: bool = False
+    #: The control worker's heartbeat (and every send's deadline, `WorkerSlot.send_deadline`).
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 3.0
+    #: Data workers' heartbeat timeout, three beats to it (`data_heartbeat_interval`): their
+    #: loop never blocks for long (a block at a time), so a hung one is noticed quickly, and
+    #: its rings hold its traffic until the replacement runs. While one owes the
+    #: acknowledgement of rules it was sent it gets `heartbeat_timeout`.
+    data_heartbeat_timeout: float = 0.3
     #: How long a new worker may take to say hello and acknowledge its rules.
     startup_timeout: float = 10.0
     #: How long a worker may take to exit after Stop before it is killed.
@@ -50,3 +56,7 @@ class SupervisorSettings:
     keep_runtime_rules: bool = False
     #: Pin data worker i to CPU i (modulo the CPUs this process may use).
     pin_workers: bool = False
+
+    @property
+    def data_heartbeat_interval(self) -> float:
+        return self.data_heartbeat_timeout / 3

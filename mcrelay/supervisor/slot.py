@@ -73,6 +73,15 @@ class SlotRole(Protocol):
         """What the worker holds of the rule table (None: it holds no rules)."""
         ...
 
+    def delayed(self, slot: WorkerSlot, delay: float) -> None:
+        """The slot's next worker starts in ``delay`` seconds (its backoff)."""
+        ...
+
+    def owes_ack(self, slot: WorkerSlot) -> bool:
+        """The worker was sent rules it has not acknowledged yet: it may be busy installing
+        them, so its heartbeat gets the general timeout instead of its kind's short one."""
+        ...
+
 
 class WorkerSlot:
     def __init__(
@@ -295,6 +304,7 @@ class WorkerSlot:
                 else:
                     self._fire(Event.DIED)
             self._running_since = None
+            self._role.delayed(self, delay)
             await self._backoff(delay)
             self.restarts += 1
 
@@ -306,6 +316,9 @@ class WorkerSlot:
         await trio.sleep_forever()
 
     async def _backoff(self, delay: float) -> None:
+        if delay <= 0:
+            log.info("worker %s restarts now", self.id)
+            return
         log.info("worker %s restarts in %.3f s", self.id, delay)
         with trio.CancelScope() as scope:
             self._backoff_scope = scope
@@ -443,23 +456,60 @@ class WorkerSlot:
             else:
                 await self._role.handle(self, message, nursery)
 
+    def _heartbeat_timing(self) -> tuple[float, float]:
+        """(interval, timeout) of this slot's kind of worker."""
+        settings = self._settings
+        if self.spec.kind == "data":
+            return settings.data_heartbeat_interval, settings.data_heartbeat_timeout
+        return settings.heartbeat_interval, settings.heartbeat_timeout
+
     async def _heartbeat(self, launched: Launched) -> None:
         """Return (after killing the worker) once a heartbeat goes unanswered."""
-        settings = self._settings
+        interval, timeout = self._heartbeat_timing()
         n = 0
         while True:
-            await trio.sleep(settings.heartbeat_interval)
+            await trio.sleep(interval)
             n += 1
-            # The send is inside the timeout: a worker whose channel is full is as hung as one
-            # that does not answer, and a rule push queued in front delays it no longer.
-            with trio.move_on_after(settings.heartbeat_timeout):
-                await launched.channel.send(Heartbeat(n))
-                await self._hb_acked.wait_value(lambda v, n=n: v >= n)
+            took = await self._beat(launched, n, timeout)
+            if took is None:
                 continue
-            self._hang(
-                launched, f"did not answer a heartbeat within {settings.heartbeat_timeout:.1f} s"
-            )
+            self._hang(launched, f"did not answer a heartbeat within {took:g} s")
             return
+
+    async def _beat(self, launched: Launched, n: int, timeout: float) -> float | None:
+        """Heartbeat ``n``: None once answered, else the time it was given.
+
+        The send counts against the time (a worker whose channel is full is as hung as one
+        that does not answer, and a rule push queued in front delays it no longer). A worker
+        that owes the acknowledgement of rules it was sent gets the general heartbeat timeout,
+        since it answers after installing them. An answer that arrived while the supervisor's
+        own loop was held up is taken too: its read loop gets a short turn before the verdict.
+        """
+        start = trio.current_time()
+        general = max(timeout, self._settings.heartbeat_timeout)
+
+        def allowed() -> float:
+            return general if self._role.owes_ack(self) else timeout
+
+        sent = False
+        while True:
+            with trio.move_on_at(start + allowed()):
+                if not sent:
+                    await launched.channel.send(Heartbeat(n))
+                    sent = True
+                await self._hb_acked.wait_value(lambda v: v >= n)
+                return None
+            if trio.current_time() >= start + allowed():
+                break  # else the worker was sent rules meanwhile: it has longer
+        if sent:
+            with trio.move_on_after(_LATE_READ_GRACE):
+                await self._hb_acked.wait_value(lambda v: v >= n)
+                return None
+        return allowed()
+
+
+#: How long an answer that may already be waiting in the channel gets to be read.
+_LATE_READ_GRACE = 0.02
 
 
 def _check_hello(hello: object, kind: str) -> None:

@@ -56,6 +56,7 @@ class _Capture:
     sock: socket.socket
     scope: trio.CancelScope
     table: dict[int, Route] = dataclasses.field(default_factory=dict)
+    relaying: bool = False  # its relay task was started (it closes the ring when it ends)
 
 
 def _dead_socket() -> socket.socket:
@@ -190,6 +191,9 @@ class DataWorker:
         self._kernel_drops = 0
         self._batch = SendBatch()
         self._nursery: trio.Nursery | None = None
+        #: Set once the first rule set is installed: a ring taken over from a dead worker holds
+        #: frames for those rules, and relaying them with no route would drop them.
+        self._has_rules = False
 
     async def run(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -229,6 +233,10 @@ class DataWorker:
 
     async def _rules_changed(self, seq: int) -> None:
         self._rebuild_routes()
+        if not self._has_rules:
+            self._has_rules = True
+            for capture in self._captures.values():
+                self._start_relay(capture)
         digest = rules_mod.digest(self.rules.values())
         if "bad-digest" in self._faults:
             digest = "0" * len(digest)
@@ -349,14 +357,36 @@ class DataWorker:
         capture = _Capture(interface, ring, sock, trio.CancelScope())
         self._install(capture)
         self._captures[interface] = capture
+        found = ring.take_over()
+        if found.blocks or found.sent_blocks:
+            log.info(
+                "capturing on %s: took over a ring holding %d frames in %d blocks%s",
+                interface,
+                found.frames,
+                found.blocks,
+                f", {found.half_sent_frames} of them in a block its previous reader had half "
+                "sent (relayed again)"
+                if found.half_sent_frames
+                else "",
+            )
+        else:
+            log.info("capturing on %s", interface)
+        if self._has_rules:
+            self._start_relay(capture)
+
+    def _start_relay(self, capture: _Capture) -> None:
         assert self._nursery is not None
+        capture.relaying = True
         self._nursery.start_soon(self._relay, capture)
-        log.info("capturing on %s", interface)
 
     def _detach(self, interface: str) -> None:
         capture = self._captures.pop(interface, None)
-        if capture is not None:
-            capture.scope.cancel()
+        if capture is None:
+            return
+        if capture.relaying:
+            capture.scope.cancel()  # its task closes the ring
+        else:
+            capture.ring.close()
 
     async def _relay(self, capture: _Capture) -> None:
         def counted(counts: BlockCounts) -> None:

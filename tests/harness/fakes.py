@@ -85,6 +85,34 @@ def hang_after(seconds: float) -> Behaviour:
     return behaviour
 
 
+def slow_rules(seconds: float) -> Behaviour:
+    """Healthy, but every rule update after the first set keeps its message loop busy for
+    ``seconds`` before it is acknowledged (as a large table does): heartbeats wait behind it."""
+
+    async def behaviour(channel: FrameChannel, worker: FakeWorker) -> int:
+        await _greet(channel, worker)
+        data = DataWorker(channel, worker.spec.worker_id)
+        worker.impl = data
+        real_handle = data.handle
+
+        async def handle(message: object) -> None:
+            if isinstance(message, m.RuleUpdate):
+                await trio.sleep(seconds)
+            await real_handle(message)
+
+        data.handle = handle  # type: ignore[method-assign]
+        try:
+            async with trio.open_nursery() as nursery:
+                await data.run(nursery)
+                await obey(channel, data, hang=False)
+                nursery.cancel_scope.cancel()
+        finally:
+            data.close()
+        return 0
+
+    return behaviour
+
+
 def wrong_digest_once() -> Behaviour:
     """Acknowledges its first rule update with a wrong digest, then behaves."""
 

@@ -64,8 +64,11 @@ async def test_worker_that_stops_reading_is_killed_at_the_send_deadline(
 async def test_heartbeat_behind_a_blocked_push_still_times_out(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    # A long send deadline cannot hold off the heartbeat timeout (the send is inside it).
-    settings = dataclasses.replace(SETTINGS, heartbeat_timeout=3.0, ack_timeout=2.0)
+    # A long send deadline cannot hold off the heartbeat timeout (the send is inside it), nor
+    # can the rules the worker owes an acknowledgement for extend it past the general one.
+    settings = dataclasses.replace(
+        SETTINGS, heartbeat_timeout=3.0, data_heartbeat_timeout=3.0, ack_timeout=2.0
+    )
     async with running(settings, script={"data-0": [fakes.hang_after(5.0)]}) as (sup, launcher):
         await sup.wait_all_running()
         await trio.sleep(5.5 - trio.current_time())
@@ -105,7 +108,8 @@ async def test_a_change_that_cannot_begin_in_time_is_refused_and_never_made(
 async def test_stop_is_ordered_and_bounded_with_a_stuck_worker(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    settings = dataclasses.replace(SETTINGS, num_workers=2)
+    # A heartbeat timeout longer than the test, so the stop is what meets the stuck worker.
+    settings = dataclasses.replace(SETTINGS, num_workers=2, data_heartbeat_timeout=3.0)
     async with running(settings, script={"data-0": [fakes.hang_after(2.0)]}) as (sup, launcher):
         await sup.wait_all_running()
         await trio.sleep(2.5 - trio.current_time())

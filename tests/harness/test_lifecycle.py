@@ -61,11 +61,13 @@ def rule(n: int) -> m.AddRule:
     )
 
 
-async def test_backoff_doubles_from_250ms_and_caps_at_16s(autojump_clock: trio.abc.Clock) -> None:
+async def test_first_failure_restarts_at_once_then_backoff_doubles_from_250ms_to_16s(
+    autojump_clock: trio.abc.Clock,
+) -> None:
     async with running(script={"data-0": [fakes.crash_on_start] * 9}) as (sup, launcher):
         await trio.sleep(100)
         launched = launcher.of("data-0")
-        assert gaps(launched[:10]) == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 16.0, 16.0]
+        assert gaps(launched[:10]) == [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 16.0]
         assert sup.slots["data-0"].state.value == WorkerState.RUNNING
 
 
@@ -75,15 +77,16 @@ async def test_stable_run_resets_the_delay(autojump_clock: trio.abc.Clock) -> No
         await trio.sleep(60)
         launched = launcher.of("data-0")
         starts = [w.started_at for w in launched]
-        assert starts[:4] == [0.0, 0.25, 0.75, 1.75]
-        # Ran 31 s (> 30 s stable_after), then failed: back to 250 ms, then 500 ms.
-        assert starts[4] == 1.75 + 31.0 + 0.25
-        assert starts[5] == starts[4] + 0.5
+        assert starts[:4] == [0.0, 0.0, 0.25, 0.75]
+        # Ran 31 s (> 30 s stable_after), then failed: restarted at once, then after 250 ms.
+        assert starts[4] == 0.75 + 31.0
+        assert starts[5] == starts[4] + 0.25
 
 
 async def test_restart_worker_cancels_pending_backoff(autojump_clock: trio.abc.Clock) -> None:
     settings = dataclasses.replace(SETTINGS, backoff=BackoffPolicy(initial=10.0, maximum=10.0))
-    async with running(settings, script={"data-0": [fakes.crash_on_start]}) as (sup, launcher):
+    script = {"data-0": [fakes.crash_on_start] * 2}  # the second failure waits 10 s
+    async with running(settings, script=script) as (sup, launcher):
         slot = sup.slots["data-0"]
         await slot.state.wait_value(WorkerState.BACKOFF)
         await trio.sleep(1.0)
@@ -92,7 +95,7 @@ async def test_restart_worker_cancels_pending_backoff(autojump_clock: trio.abc.C
         assert reply.ok
         await slot.state.wait_value(WorkerState.RUNNING)
         assert trio.current_time() == 1.0
-        assert [w.started_at for w in launcher.of("data-0")] == [0.0, 1.0]
+        assert [w.started_at for w in launcher.of("data-0")] == [0.0, 0.0, 1.0]
 
 
 async def test_restart_worker_replaces_a_running_worker_without_counting_a_failure(
@@ -116,17 +119,29 @@ async def test_unknown_worker_id_is_an_error(autojump_clock: trio.abc.Clock) -> 
         assert reply.error is not None and "data-0" in reply.error
 
 
-async def test_hung_worker_is_killed_after_heartbeat_timeout(
+async def test_hung_data_worker_is_killed_after_its_heartbeat_timeout_and_replaced_at_once(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    async with running(script={"data-0": [fakes.hang_after(5.5)]}) as (sup, launcher):
+    async with running(script={"data-0": [fakes.hang_after(5.55)]}) as (sup, launcher):
         await trio.sleep(20)
         first, second = launcher.of("data-0")[:2]
-        assert first.hung_at == 5.5
-        # Heartbeats go out every 1 s; the one sent at 6 s is unanswered for 3 s.
-        assert first.killed_at == 9.0
-        assert second.started_at == 9.25
+        assert first.hung_at == 5.55
+        # Beats every 0.1 s: the first one after the hang goes unanswered for 0.3 s, then
+        # the read loop gets its short last turn.
+        assert first.killed_at == pytest.approx(5.6 + 0.3 + 0.02, abs=1e-6)
+        assert second.started_at == first.killed_at  # a first failure: no backoff
         assert sup.slots["data-0"].consecutive_failures == 1
+
+
+async def test_data_worker_busy_with_rules_it_was_sent_gets_the_general_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with running(script={"data-0": [fakes.slow_rules(2.0)]}) as (sup, launcher):
+        await sup.wait_all_running()
+        assert (await sup.execute(rule(1))).ok  # 2 s installing: no heartbeat answered
+        await sup.data.sync["data-0"].acked_seq.wait_value(lambda v: v >= sup.table.seq)
+        await trio.sleep(1)
+        assert len(launcher.of("data-0")) == 1 and launcher.of("data-0")[0].killed_at is None
 
 
 async def test_clean_exit_is_not_a_failure(autojump_clock: trio.abc.Clock) -> None:
@@ -145,12 +160,12 @@ async def test_restart_intensity_marks_fatal_and_keeps_retrying(
     async with running(settings, script={"data-0": [fakes.crash_on_start] * 5}) as (sup, launcher):
         slot = sup.slots["data-0"]
         await slot.state.wait_value(WorkerState.FATAL)
-        # The 4th failure (0.25 + 0.5 + 1 s later) exceeds 3 in 60 s; retried at the cap.
-        assert trio.current_time() == 1.75
+        # The 4th failure (0 + 0.25 + 0.5 s later) exceeds 3 in 60 s; retried at the cap.
+        assert trio.current_time() == 0.75
         workers = await sup.execute(m.ListWorkers())
         assert workers.result.workers[0].state == "fatal"
         await slot.state.wait_value(WorkerState.RUNNING)
-        assert launcher.of("data-0")[-1].started_at == 1.75 + 16 + 16
+        assert launcher.of("data-0")[-1].started_at == 0.75 + 16 + 16
 
 
 async def test_exit_on_fatal_raises(autojump_clock: trio.abc.Clock) -> None:

@@ -22,7 +22,10 @@ class NoCaptures:
     async def worker_starting(self, worker: WorkerSlot, rules: tuple[Rule, ...]) -> None:
         return None
 
-    def worker_gone(self, worker_id: str, pid: int) -> int:
+    def worker_gone(self, worker_id: str, pid: int) -> None:
+        return None
+
+    def worker_delayed(self, worker_id: str, delay: float) -> int:
         return 0
 
     def rule_state(self, rule: Rule) -> RuleState:

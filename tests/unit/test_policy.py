@@ -10,8 +10,8 @@ from mcrelay.supervisor.states import Event, InvalidTransition, WorkerState, tra
 
 def test_backoff_sequence() -> None:
     policy = BackoffPolicy()
-    assert [policy.delay(n) for n in range(1, 10)] == [
-        0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 16.0, 16.0,
+    assert [policy.delay(n) for n in range(1, 11)] == [
+        0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 16.0, 16.0,
     ]  # fmt: skip
     assert policy.delay(10_000) == 16.0
 
