@@ -1,5 +1,6 @@
 """The sink's accounting (loss, duplicates, order, integrity, latency) on synthetic batches."""
 
+import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -75,6 +76,29 @@ def test_latency_percentiles_in_microseconds():
         99,
         100,
     )
+
+
+def test_max_gap_spans_batches_and_any_stream():
+    tally = sink._Tally(None)
+    feed(tally, [pkt(0)], [T0])
+    assert tally.max_gap_ns is None  # one datagram: no interval yet
+    feed(tally, [pkt(1), pkt(0, 1), b"junk"], [T0 + 1_000, T0 + 4_000, T0 + 5_000])
+    assert tally.max_gap_ns == 3_000
+    feed(tally, [pkt(2)], [T0 + 12_000])  # the gap between two batches counts too
+    assert tally.max_gap_ns == 7_000
+    feed(tally, [pkt(3), pkt(4)], [T0 + 11_000, T0 + 11_500])  # a clock step back: no gap
+    assert tally.max_gap_ns == 7_000
+
+
+def test_max_gap_shows_in_the_summary():
+    fields = dict.fromkeys(sink.SinkReport.__struct_fields__, 0)
+    fields.update(group="239.1.1.1", interface=None, stopped_by="count", latency_clock="kernel")
+    fields.update(latency_max_us=None, streams={}, max_gap_us=2_345)
+    report = msgspec.convert(fields, sink.SinkReport)
+    assert "max gap     2345 µs" in report.summary()
+    assert '"max_gap_us":2345' in report.to_json()
+    no_gap = msgspec.structs.replace(report, max_gap_us=None).summary()
+    assert "max gap     - " in no_gap
 
 
 def test_large_latencies_are_bucketed_within_one_percent():

@@ -9,13 +9,16 @@ Accounting, per stream: a datagram whose header parses and whose filler matches 
 Corrupted datagrams are kept out of sequence accounting because their seq can't be trusted.
 `expected` = max_seq - min_seq + 1 (or `count`, when given, for a single stream starting at 0,
 so that loss at the tail shows), `lost` = expected - unique, `duplicated` = intact repeats,
-`reordered` = new seqs that arrive below the highest seq seen so far.
+`reordered` = new seqs that arrive below the highest seq seen so far. `max_gap_us` is the
+longest silence: the largest interval between the receive times of consecutive datagrams (any
+stream, any content), what an outage upstream looks like from here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 import select
 import socket
@@ -85,6 +88,8 @@ class SinkReport(msgspec.Struct, frozen=True):
     rcvbuf: int
     cpu_s: float
     streams: dict[int, StreamReport]
+    # Largest interval between consecutive receive times (latency_clock); None below 2 datagrams.
+    max_gap_us: int | None = None
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -106,6 +111,9 @@ class SinkReport(msgspec.Struct, frozen=True):
                 f"  reordered {self.reordered}  corrupted {self.corrupted}"
                 f" (malformed {self.malformed})",
                 f"  {lat}",
+                "  max gap     "
+                + (f"{self.max_gap_us} µs" if self.max_gap_us is not None else "-")
+                + " between consecutive datagrams",
                 f"  socket drops {self.socket_drops}  rcvbuf {self.rcvbuf} B"
                 f"  cpu {self.cpu_s:.3f} s",
             )
@@ -217,6 +225,19 @@ class _Tally:
         self.streams: dict[int, _Stream] = {}
         self.received = self.bytes = self.corrupted = self.malformed = 0
         self.latency = _Latency()
+        self.last_rx: int | None = None  # receive time (ns) of the latest datagram
+        self.max_gap_ns: int | None = None
+
+    def _gaps(self, rx: list[int]) -> None:
+        """Widen `max_gap_ns` by the intervals between consecutive receive times in `rx`."""
+        if not rx:
+            return
+        times = rx if self.last_rx is None else [self.last_rx, *rx]
+        if len(times) > 1:
+            gap = max(0, *map(operator.sub, times[1:], times[:-1]))
+            if self.max_gap_ns is None or gap > self.max_gap_ns:
+                self.max_gap_ns = gap
+        self.last_rx = rx[-1]
 
     def add_batch(self, data: memoryview, slot: int, lengths: list[int], rx: list[int]) -> None:
         """Account for one batch; this loop is the sink's hot path, hence the local names."""
@@ -227,6 +248,7 @@ class _Tally:
         stream_id, st = -1, None
         self.received += len(lengths)
         self.bytes += sum(lengths)
+        self._gaps(rx)
         for i, size in enumerate(lengths):
             at = i * slot
             if size < hsize:
@@ -451,4 +473,5 @@ def run_sink(
         rcvbuf=rcvbuf,
         cpu_s=round(time.process_time() - cpu0, 3),
         streams=streams,
+        max_gap_us=tally.max_gap_ns // 1000 if tally.max_gap_ns is not None else None,
     )
