@@ -166,6 +166,9 @@ def test_sink_max_gap_spans_a_pause_between_two_streams(pair):
         report = _report(proc)
     assert (report["received"], report["lost"]) == (4000, 0)
     assert (second_start - first_done) * 1e6 <= report["max_gap_us"] <= (t1 - t0) * 1e6
+    longest = max(report["gaps"], key=lambda g: g["gap_us"])
+    assert longest["gap_us"] == report["max_gap_us"]
+    assert (longest["before"], longest["after"], longest["missing"]) == ([0, 1999], [1, 0], None)
 
 
 CRAFTED = """

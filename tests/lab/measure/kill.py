@@ -78,6 +78,7 @@ class Stream:
                        "--size", str(SIZE))  # fmt: skip
         self.started = time.monotonic()
         self.timeout = seconds + 30
+        self.report: dict[str, Any] = {}  # the sink's, once finished
 
     def at(self, offset: float) -> None:
         """Until ``offset`` seconds into the stream: the stream is the clock here."""
@@ -92,7 +93,7 @@ class Stream:
         found = _SENT.search(out)
         assert found and self.gen.returncode in (0, 130), f"gen failed: {err or out}"
         sent = int(found[1])
-        r = self.sink.result(timeout=self.timeout)
+        r = self.report = self.sink.result(timeout=self.timeout)
         unique = sum(st["unique"] for st in r["streams"].values())
         last = max((st["max_seq"] for st in r["streams"].values()), default=-1)
         gap = r["max_gap_us"]
@@ -181,6 +182,7 @@ def repeat_kills() -> dict[str, Any]:
     """20 kills 1 s apart at 20k pps, default supervisor settings; still relaying at the end?"""
     seconds = REPEAT_KILLS * REPEAT_SPACING_S + 3.0
     kills: list[dict[str, Any]] = []
+    kill_ns: list[int] = []
     with (
         relay("--num-workers", "1") as (c, d),
         stream(c, 20_000, seconds, REPEAT_WAIT_S + 1) as st,
@@ -192,6 +194,7 @@ def repeat_kills() -> dict[str, Any]:
             old = d.workers()["data-0"]["pid"]
             log_at = d.log.stat().st_size
             last_kill = time.monotonic()
+            kill_ns.append(time.time_ns())  # the sink stamps datagrams with this clock
             os.kill(old, signal.SIGKILL)
             up = poll(functools.partial(_running_anew, d, old), REPEAT_WAIT_S, interval=0.005)
             took = time.monotonic() - last_kill
@@ -205,9 +208,29 @@ def repeat_kills() -> dict[str, Any]:
                 break
         state = d.workers()["data-0"]["state"]
         figures = st.finish()
+    per_kill = _lost_per_kill(kill_ns, st.report["gaps"])
+    for i, (kill, lost) in enumerate(zip(kills, per_kill, strict=True)):
+        kill["lost"] = lost if kill["running_again_s"] is not None else None  # lost: the tail
+        print(f"  kill {i + 1:2}: backoff {kill['backoff_s']} s, running again after "
+              f"{kill['running_again_s']} s, lost {kill['lost']}", file=sys.stderr)  # fmt: skip
+    attributed = sum(k["lost"] or 0 for k in kills)
     relaying = bool(len(kills) == REPEAT_KILLS and state == "running" and figures["last_arrived"])
     return {**figures, "kills_done": len(kills), "final_state": state,
-            "relaying_at_end": relaying, "kills": kills}  # fmt: skip
+            "relaying_at_end": relaying, "lost_unattributed": figures["lost"] - attributed,
+            "kills": kills}  # fmt: skip
+
+
+def _lost_per_kill(kill_ns: list[int], gaps: list[dict[str, Any]]) -> list[int | None]:
+    """Datagrams missing across the sink's silences that began at or just after each kill (and
+    before the next); None where such a silence has no count (no silence at all: 0)."""
+    slack = 20_000_000  # the last datagram before the silence may precede the kill a little
+    bounds = [*kill_ns[1:], 2**63]
+    out: list[int | None] = []
+    for start, end in zip(kill_ns, bounds, strict=True):
+        mine = [g for g in gaps if start - slack <= g["start_ns"] < end - slack]
+        counts = [g["missing"] for g in mine]
+        out.append(None if None in counts else sum(counts))
+    return out
 
 
 def _running_anew(d: Daemon, old_pid: int) -> bool:
