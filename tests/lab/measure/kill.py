@@ -180,7 +180,7 @@ def restart_latency() -> dict[str, Any]:
 
 def repeat_kills() -> dict[str, Any]:
     """20 kills 1 s apart at 20k pps, default supervisor settings; still relaying at the end?"""
-    seconds = REPEAT_KILLS * REPEAT_SPACING_S + 3.0
+    seconds = KILL_AT_S + REPEAT_KILLS * REPEAT_SPACING_S + 3.0
     kills: list[dict[str, Any]] = []
     kill_ns: list[int] = []
     with (
