@@ -15,8 +15,18 @@ from typing import Any
 
 from mcrelay import client
 from mcrelay.ipc import messages as m
+from mcrelay.supervisor.settings import SupervisorSettings
 from tests.lab.processes import end_process
 from tests.lab.processes import wait_for as wait_for  # re-exported for the tests
+
+
+def heartbeat_timeout(kind: str, settings: SupervisorSettings | None = None) -> float:
+    """The heartbeat timeout a worker of ``kind`` ("control" or "data") gets: data workers have
+    their own (shorter) one where the supervisor has it, the shared one otherwise."""
+    s = settings or SupervisorSettings()
+    if kind == "data":
+        return float(getattr(s, "data_heartbeat_timeout", s.heartbeat_timeout))
+    return s.heartbeat_timeout
 
 
 def pid_alive(pid: int) -> bool:

@@ -136,6 +136,7 @@ def test_gen_to_sink_delivers_every_datagram_intact(pair, group, port, gen_args)
     }
     assert 0 <= report["latency_p50_us"] <= report["latency_max_us"] < 1_000_000
     assert 15_000 < report["pps"] < 25_000  # paced, not bursted
+    assert 0 <= report["max_gap_us"] < 200_000  # no outage in a paced stream
 
 
 def test_route_alone_does_not_reach_the_sink(pair):
@@ -146,6 +147,28 @@ def test_route_alone_does_not_reach_the_sink(pair):
         _gen(gen, "--group", "239.2.2.2", "--port", "5005")
         report = _report(proc)
     assert (report["stopped_by"], report["received"]) == ("duration", 0)
+
+
+def test_sink_max_gap_spans_a_pause_between_two_streams(pair):
+    """Two bursts with a pause of at least PAUSE between them (the gap's lower bound); the gap
+    cannot exceed the time from the first burst's start to the second's end."""
+    gen, sink = pair
+    pause = 0.3
+    args = ["--group", "239.1.1.1", "--port", "5007", "--interface", "s0"]
+    with running_sink(sink, *args, "--count", "4000", "--duration", "6") as proc:
+        t0 = time.monotonic()
+        _gen(gen, "--group", "239.1.1.1", "--port", "5007")
+        first_done = time.monotonic()
+        time.sleep(pause)  # the pause is the stream's own clock: what max_gap_us must show
+        second_start = time.monotonic()
+        _gen(gen, "--group", "239.1.1.1", "--port", "5007", "--stream", "1")
+        t1 = time.monotonic()
+        report = _report(proc)
+    assert (report["received"], report["lost"]) == (4000, 0)
+    assert (second_start - first_done) * 1e6 <= report["max_gap_us"] <= (t1 - t0) * 1e6
+    longest = max(report["gaps"], key=lambda g: g["gap_us"])
+    assert longest["gap_us"] == report["max_gap_us"]
+    assert (longest["before"], longest["after"], longest["missing"]) == ([0, 1999], [1, 0], None)
 
 
 CRAFTED = """

@@ -1,5 +1,6 @@
 """The sink's accounting (loss, duplicates, order, integrity, latency) on synthetic batches."""
 
+import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -75,6 +76,54 @@ def test_latency_percentiles_in_microseconds():
         99,
         100,
     )
+
+
+def test_max_gap_spans_batches_and_any_stream():
+    tally = sink._Tally(None)
+    feed(tally, [pkt(0)], [T0])
+    assert tally.gaps.max_us is None  # one datagram: no interval yet
+    feed(tally, [pkt(1), pkt(0, 1), b"junk"], [T0 + 1_000, T0 + 4_000, T0 + 5_000])
+    assert tally.gaps.max_ns == 3_000
+    feed(tally, [pkt(2)], [T0 + 12_000])  # the gap between two batches counts too
+    assert tally.gaps.max_ns == 7_000
+    feed(tally, [pkt(3), pkt(4)], [T0 + 11_000, T0 + 11_500])  # a clock step back: no gap
+    assert (tally.gaps.max_ns, tally.gaps.max_us, tally.gaps.found) == (7_000, 7, [])
+
+
+def test_long_silences_are_listed_with_the_datagrams_around_them():
+    ms = 1_000_000
+    tally = sink._Tally(None)
+    feed(tally, [pkt(0), pkt(1)], [T0, T0 + ms])
+    feed(tally, [pkt(40), pkt(41), pkt(90)], [T0 + 40 * ms, T0 + 41 * ms, T0 + 60 * ms])
+    feed(tally, [b"junk", pkt(0, 1)], [T0 + 75 * ms, T0 + 76 * ms])
+    gaps = [(g.start_ns - T0, g.gap_us, g.before, g.after, g.missing) for g in tally.gaps.found]
+    assert gaps == [
+        (ms, 39_000, (0, 1), (0, 40), 38),  # across two batches
+        (41 * ms, 19_000, (0, 41), (0, 90), 48),
+        (60 * ms, 15_000, (0, 90), None, None),  # no header after it: nothing to count
+    ]
+    assert tally.gaps.max_us == 39_000
+
+
+def test_only_the_longest_silences_are_kept():
+    tally = sink._Tally(None)
+    times = [T0 + sum(range(10_000_000, 10_000_000 + i * 1000, 1000)) for i in range(100)]
+    feed(tally, [pkt(i) for i in range(100)], times)
+    kept = tally.gaps.found
+    assert len(kept) == sink.MAX_GAPS
+    assert min(g.gap_us for g in kept) == 10_000 + (100 - sink.MAX_GAPS - 1)
+    assert kept == sorted(kept, key=lambda g: g.start_ns)
+
+
+def test_max_gap_shows_in_the_summary():
+    fields = dict.fromkeys(sink.SinkReport.__struct_fields__, 0)
+    fields.update(group="239.1.1.1", interface=None, stopped_by="count", latency_clock="kernel")
+    fields.update(latency_max_us=None, streams={}, max_gap_us=2_345, gaps=[])
+    report = msgspec.convert(fields, sink.SinkReport)
+    assert "max gap     2345 µs" in report.summary()
+    assert '"max_gap_us":2345,"gaps":[]' in report.to_json()
+    no_gap = msgspec.structs.replace(report, max_gap_us=None).summary()
+    assert "max gap     - " in no_gap
 
 
 def test_large_latencies_are_bucketed_within_one_percent():

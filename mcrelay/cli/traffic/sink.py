@@ -9,13 +9,17 @@ Accounting, per stream: a datagram whose header parses and whose filler matches 
 Corrupted datagrams are kept out of sequence accounting because their seq can't be trusted.
 `expected` = max_seq - min_seq + 1 (or `count`, when given, for a single stream starting at 0,
 so that loss at the tail shows), `lost` = expected - unique, `duplicated` = intact repeats,
-`reordered` = new seqs that arrive below the highest seq seen so far.
+`reordered` = new seqs that arrive below the highest seq seen so far. `max_gap_us` is the
+longest silence: the largest interval between the receive times of consecutive datagrams (any
+stream, any content), what an outage upstream looks like from here; `gaps` lists each silence of
+10 ms or more (the 64 longest) with the datagrams on either side, so loss can be put down to it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 import select
 import socket
@@ -45,6 +49,8 @@ from mcrelay.system.linux import (
 BATCH = 64
 _SLOT = 1 << 16  # any UDP payload fits, so nothing is truncated
 _WINDOW = 1 << 25  # seqs remembered per stream for duplicate detection (a 4 MiB bitmap)
+GAP_RECORD_US = 10_000  # silences this long or longer are listed one by one
+MAX_GAPS = 64
 
 
 class StreamReport(msgspec.Struct, frozen=True):
@@ -56,6 +62,18 @@ class StreamReport(msgspec.Struct, frozen=True):
     lost: int
     duplicated: int
     reordered: int
+
+
+class GapReport(msgspec.Struct, frozen=True):
+    """A silence of at least GAP_RECORD_US: when it began, how long it lasted, and the datagrams
+    on either side of it (stream and seq; None when one has no valid header)."""
+
+    start_ns: int  # receive time (CLOCK_REALTIME ns) of the datagram before the silence
+    gap_us: int
+    before: tuple[int, int] | None
+    after: tuple[int, int] | None
+    #: Seqs missing between the two, when both are of one stream and in order.
+    missing: int | None
 
 
 class SinkReport(msgspec.Struct, frozen=True):
@@ -85,6 +103,10 @@ class SinkReport(msgspec.Struct, frozen=True):
     rcvbuf: int
     cpu_s: float
     streams: dict[int, StreamReport]
+    # Largest interval between consecutive receive times (latency_clock); None below 2 datagrams.
+    max_gap_us: int | None = None
+    #: The longest silences of GAP_RECORD_US or more (at most MAX_GAPS), in time order.
+    gaps: list[GapReport] = msgspec.field(default_factory=list)
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()
@@ -106,6 +128,14 @@ class SinkReport(msgspec.Struct, frozen=True):
                 f"  reordered {self.reordered}  corrupted {self.corrupted}"
                 f" (malformed {self.malformed})",
                 f"  {lat}",
+                "  max gap     "
+                + (f"{self.max_gap_us} µs" if self.max_gap_us is not None else "-")
+                + " between consecutive datagrams"
+                + (
+                    f" ({len(self.gaps)} of {GAP_RECORD_US // 1000} ms or more)"
+                    if self.gaps
+                    else ""
+                ),
                 f"  socket drops {self.socket_drops}  rcvbuf {self.rcvbuf} B"
                 f"  cpu {self.cpu_s:.3f} s",
             )
@@ -217,6 +247,7 @@ class _Tally:
         self.streams: dict[int, _Stream] = {}
         self.received = self.bytes = self.corrupted = self.malformed = 0
         self.latency = _Latency()
+        self.gaps = _Gaps()
 
     def add_batch(self, data: memoryview, slot: int, lengths: list[int], rx: list[int]) -> None:
         """Account for one batch; this loop is the sink's hot path, hence the local names."""
@@ -227,6 +258,7 @@ class _Tally:
         stream_id, st = -1, None
         self.received += len(lengths)
         self.bytes += sum(lengths)
+        self.gaps.add_batch(data, slot, lengths, rx)
         for i, size in enumerate(lengths):
             at = i * slot
             if size < hsize:
@@ -277,6 +309,61 @@ class _Tally:
             timed += 1
         self.latency.max = lat_max
         self.latency.n += timed
+
+
+class _Gaps:
+    """The longest silence between consecutive datagrams, and each one of GAP_RECORD_US or more
+    with the datagrams around it; per batch one C-level pass over its receive times."""
+
+    def __init__(self) -> None:
+        self.last_rx: int | None = None  # receive time (ns) of the latest datagram
+        self.last_id: tuple[int, int] | None = None  # its (stream, seq)
+        self.max_ns: int | None = None
+        self.found: list[GapReport] = []
+
+    def add_batch(self, data: memoryview, slot: int, lengths: list[int], rx: list[int]) -> None:
+        if not rx:
+            return
+        times = rx if self.last_rx is None else [self.last_rx, *rx]
+        if len(times) > 1:
+            diffs = list(map(operator.sub, times[1:], times[:-1]))
+            gap = max(0, *diffs)
+            if self.max_ns is None or gap > self.max_ns:
+                self.max_ns = gap
+            if gap >= GAP_RECORD_US * 1000:
+                self._record(data, slot, lengths, times, diffs)
+        self.last_rx = rx[-1]
+        self.last_id = _ident(data, slot, lengths, len(lengths) - 1)
+
+    def _record(
+        self, data: memoryview, slot: int, lengths: list[int], times: list[int], diffs: list[int]
+    ) -> None:
+        shift = len(times) - len(lengths)  # 1 when times[0] is the previous batch's last
+        for i, gap in enumerate(diffs):
+            if gap < GAP_RECORD_US * 1000:
+                continue
+            j = i - shift  # the datagram before the silence, in this batch (-1: the previous)
+            before = self.last_id if j < 0 else _ident(data, slot, lengths, j)
+            after = _ident(data, slot, lengths, j + 1)
+            missing = None
+            if before and after and before[0] == after[0] and after[1] > before[1]:
+                missing = after[1] - before[1] - 1
+            self.found.append(GapReport(times[i], gap // 1000, before, after, missing))
+        if len(self.found) > MAX_GAPS:  # the longest, still in time order
+            longest = sorted(self.found, key=lambda g: g.gap_us, reverse=True)[:MAX_GAPS]
+            self.found = sorted(longest, key=lambda g: g.start_ns)
+
+    @property
+    def max_us(self) -> int | None:
+        return self.max_ns // 1000 if self.max_ns is not None else None
+
+
+def _ident(data: memoryview, slot: int, lengths: list[int], i: int) -> tuple[int, int] | None:
+    """(stream, seq) of datagram ``i`` of a batch, None if it has no valid header."""
+    if i < 0 or lengths[i] < payload.HEADER_SIZE:
+        return None
+    tag, stream, seq, _ = payload.HEADER.unpack_from(data, i * slot)
+    return (stream, seq) if tag == payload.MAGIC else None
 
 
 def open_receiver(group: str, port: int, interface: str | None) -> socket.socket:
@@ -451,4 +538,6 @@ def run_sink(
         rcvbuf=rcvbuf,
         cpu_s=round(time.process_time() - cpu0, 3),
         streams=streams,
+        max_gap_us=tally.gaps.max_us,
+        gaps=tally.gaps.found,
     )

@@ -10,15 +10,47 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from mcrelay import client
+from mcrelay import client, rules
 from mcrelay.ipc import messages as m
 from mcrelay.supervisor.backoff import BackoffPolicy
-from tests.lab.daemon import daemon, wait_for
+from tests.lab.daemon import Daemon, daemon, wait_for
 
 FIRST_BACKOFF = BackoffPolicy().initial  # the default first delay
+
+
+def table_holdings(d: Daemon) -> tuple[int, str]:
+    """How many rules the daemon's table holds, and their digest (what a synced worker acks)."""
+    table = client.ask(d.socket, m.ListRules(), timeout=10)
+    return len(table.rules), rules.digest(info.rule for info in table.rules)
+
+
+def holds(worker: dict[str, Any], want: tuple[int, str]) -> bool:
+    """The worker is running and acknowledged ``want`` (`table_holdings`)."""
+    return bool(worker["state"] == "running" and (worker["rules"], worker["digest"]) == want)
+
+
+def kill_to_running(d: Daemon, worker_id: str, stable_after: float) -> float:
+    """SIGKILL ``worker_id`` once it has run past ``stable_after`` (so this is a first failure)
+    and return the seconds until a replacement is running with the table's rules (count and
+    digest both acknowledged)."""
+    want = table_holdings(d)
+    old = d.wait_running()[worker_id]
+    came_up = time.monotonic()  # it was running by now at the latest
+    # Waiting on the clock, not on a condition: the kill must come past --stable-after.
+    time.sleep(max(0.0, came_up + stable_after + 0.1 - time.monotonic()))
+    t0 = time.monotonic()
+    os.kill(old["pid"], signal.SIGKILL)
+
+    def synced() -> bool:
+        w = d.workers()[worker_id]
+        return w["pid"] != old["pid"] and holds(w, want)
+
+    wait_for(synced, timeout=10, interval=0.005)
+    return time.monotonic() - t0
 
 
 def main(n: int) -> None:
@@ -51,19 +83,7 @@ def main(n: int) -> None:
             "--output",
             "239.9.9.9:6001:out0",
         )
-        samples = []
-        for _ in range(n):
-            old = d.workers()["data-0"]
-            time.sleep(0.6)  # past --stable-after, so each kill is a first failure (250 ms)
-            t0 = time.monotonic()
-            os.kill(old["pid"], signal.SIGKILL)
-
-            def replaced(old_pid: int = old["pid"]) -> bool:
-                w = d.workers()["data-0"]
-                return bool(w["pid"] != old_pid and w["state"] == "running" and w["rules"] == 2)
-
-            wait_for(replaced, timeout=10, interval=0.005)
-            samples.append(time.monotonic() - t0)
+        samples = [kill_to_running(d, "data-0", stable_after=0.5) for _ in range(n)]
 
         async def control_latency() -> list[float]:
             out = []

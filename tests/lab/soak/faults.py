@@ -23,11 +23,11 @@ from tests.lab.soak.procs import (
 from tests.lab.soak.settings import (
     BULK_RULES,
     FLAP_S,
-    HANG_S,
-    PAUSE_S,
     RECOVERY_TIMEOUT,
     SUPERVISOR_STOP_S,
     WORKER_WEDGE_S,
+    hang_s,
+    pause_s,
 )
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ def signal_worker(soak: Soak, ev: Event, ws: dict[str, dict[str, Any]], t: float
     victim = ws[ev.victim]
     ident: Ident = victim["ident"]
     stop = ev.kind in ("stop-worker", "pause-worker")
-    hold = soak.rng.uniform(*(HANG_S if ev.kind == "stop-worker" else PAUSE_S))
+    hold = soak.rng.uniform(*(hang_s if ev.kind == "stop-worker" else pause_s)(victim["kind"]))
     if not send_signal(ident, signal.SIGSTOP if stop else signal.SIGKILL):
         ev.problems.append(f"{ev.victim} (pid {victim['pid']}) vanished before the signal")
     if stop:
@@ -138,8 +138,8 @@ def signal_worker(soak: Soak, ev: Event, ws: dict[str, dict[str, Any]], t: float
     if ev.kind == "stop-worker":
         old = victim["pid"]
         left = poll(
-            lambda: soak.slot_left(ev.victim, old), RECOVERY_TIMEOUT, 0.1
-        )  # the heartbeat timeout must catch it
+            lambda: soak.slot_left(ev.victim, old), RECOVERY_TIMEOUT, 0.02
+        )  # the heartbeat timeout must catch it (fine-grained: a data worker's is short)
         if left:
             ev.detected_s = round(time.monotonic() - t, 3)
     if stop:

@@ -6,20 +6,45 @@ from __future__ import annotations
 import dataclasses
 
 from mcrelay.supervisor.settings import SupervisorSettings
+from tests.lab.daemon import heartbeat_timeout as lab_heartbeat_timeout
 
 STREAMS = 3
 SIZE = 512
 IN_PORT, OUT_PORT = 5000, 5001
 SUPERVISOR_ARGS = ("--num-workers", "2", "--max-failures", "1000")
+DEFAULTS = SupervisorSettings()  # the soak's supervisor runs with these (but the two above)
+
+
+def heartbeat_timeout(kind: str) -> float:
+    """The heartbeat timeout of a worker of ``kind`` ("control" or "data") under DEFAULTS."""
+    return lab_heartbeat_timeout(kind, DEFAULTS)
+
+
+def pause_s(kind: str) -> tuple[float, float]:
+    """pause-worker: how long the SIGSTOP may last, safely below the victim's heartbeat timeout
+    (so it must carry on): 0.2-1.5 s for 3 s, 0.05-0.15 s for 0.3 s."""
+    timeout = heartbeat_timeout(kind)
+    return min(0.2, timeout / 6), timeout / 2
+
+
+def hang_s(kind: str) -> tuple[float, float]:
+    """stop-worker: how long the SIGSTOP lasts, past the victim's heartbeat timeout (so it must
+    be declared hung and replaced before the SIGCONT)."""
+    timeout = heartbeat_timeout(kind)
+    return timeout + 1.0, timeout + 3.0
+
+
 SETTINGS_NOTE = (
     "supervisor: --num-workers 2 --max-failures 1000 (so the induced failures never make a "
-    "worker fatal);\nevery other setting default (heartbeat 3 s, backoff 0.25→16 s, "
-    "stable-after 30 s)"
+    f"worker fatal);\nevery other setting default (heartbeat timeout "
+    f"{heartbeat_timeout('control'):g} s control, {heartbeat_timeout('data'):g} s data, "
+    f"backoff {DEFAULTS.backoff.initial:g}→{DEFAULTS.backoff.maximum:g} s, "
+    f"stable-after {DEFAULTS.backoff.stable_after:g} s)"
 )
-DEFAULTS = SupervisorSettings()  # the soak's supervisor runs with these (but the two above)
-HEARTBEAT_TIMEOUT_S = DEFAULTS.heartbeat_timeout
-# A worker not running again within heartbeat timeout + the restart backoff's bound (its cap and
-# the start timeout, with slack for a loaded 2-CPU machine) is wedged: 3 + 16 + 10 + 5 = 34 s.
+HEARTBEAT_TIMEOUT_S = max(heartbeat_timeout("control"), heartbeat_timeout("data"))
+# A worker not running again within its heartbeat timeout + the restart backoff's bound (its cap
+# and the start timeout, with slack for a loaded 2-CPU machine) is wedged: 3 + 16 + 10 + 5 = 34 s
+# with the longer (control) timeout, which bounds a data worker's too.
 WEDGE_SLACK_S = 5.0
 WORKER_WEDGE_S = (
     HEARTBEAT_TIMEOUT_S + DEFAULTS.backoff.maximum + DEFAULTS.startup_timeout + WEDGE_SLACK_S
@@ -29,9 +54,8 @@ RECOVERY_TIMEOUT = 45.0  # the soak stops waiting (and the run ends) after this
 # rules gets longer); the soak never asks while it holds the supervisor stopped.
 REQUEST_DEADLINE_S = 10.0
 LOAD_DEADLINE_S = 30.0
-PAUSE_S = (0.2, HEARTBEAT_TIMEOUT_S - 1.0)  # pause-worker: SIGCONT before it counts as hung
-HANG_S = (HEARTBEAT_TIMEOUT_S + 1.0, HEARTBEAT_TIMEOUT_S + 3.0)  # stop-worker: past the timeout
-SUPERVISOR_STOP_S = (0.5, HEARTBEAT_TIMEOUT_S + 2.0)  # stop-supervisor: both sides of it
+# stop-supervisor: both sides of the (control) heartbeat timeout
+SUPERVISOR_STOP_S = (0.5, heartbeat_timeout("control") + 2.0)
 FLAP_S = (0.2, 2.0)  # link-flap: down for this long
 BULK_RULES = (200, 400)  # config-load: rules in the file besides the soak's own
 SEGMENT_MAX_S = 120  # a generator's --count covers this long; sinks stop 30 s later at the latest
