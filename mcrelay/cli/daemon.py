@@ -130,7 +130,8 @@ def supervisor_command(
     stable_after: Annotated[
         float,
         typer.Option(
-            help="Run time after which the restart delay resets, seconds.",
+            help="A worker that ran this long before failing is restarted at once, and its "
+            "failure ends any crash loop; seconds.",
             min=MINIMUM["stable_after"],
         ),
     ] = DAEMON.stable_after,

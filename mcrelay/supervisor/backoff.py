@@ -12,16 +12,20 @@ class BackoffPolicy:
 
     The first failure after a stable run is restarted at once: a data worker's replacement
     takes over its capture rings, so a prompt restart loses nothing, and one crash says
-    nothing about the next. From the second consecutive failure on the delay starts at
-    ``initial`` and doubles up to ``maximum``, so a crash loop costs little CPU; the restart
-    intensity (`RestartIntensity`) calls a worker fatal if it fails too often all the same.
+    nothing about the next. From the second consecutive failure (a worker that died before
+    its run became stable) the delay starts at ``initial`` and doubles up to ``maximum``, so a
+    crash loop costs little CPU, and the restart intensity (`RestartIntensity`) calls a worker
+    fatal if it keeps failing so.
     """
 
     #: The delay after the second consecutive failure.
     initial: float = 0.25
     maximum: float = 16.0
-    #: A worker that ran this long before dying counts its failures from one again.
-    stable_after: float = 30.0
+    #: A worker that ran this long before dying counts its failures from one again, and that
+    #: failure is no part of a crash loop (the restart intensity ignores it). Long enough that
+    #: restarting at once never becomes a tight loop (two forks a second at most, a few ms of
+    #: CPU each), short enough that a worker killed every second is always replaced at once.
+    stable_after: float = 0.5
 
     def delay(self, consecutive_failures: int) -> float:
         """Delay before the restart that follows the n-th consecutive failure (n >= 1)."""

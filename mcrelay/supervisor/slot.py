@@ -281,11 +281,14 @@ class WorkerSlot:
                 delay = policy.initial
                 self._fire(Event.DIED)
             else:
-                if ran_for >= policy.stable_after:
+                # A run that got past `stable_after` ends a crash loop: its failure is a first
+                # one (restarted at once) and does not count towards the restart intensity.
+                stable = ran_for >= policy.stable_after
+                if stable:
                     self.consecutive_failures = 0
                 self.consecutive_failures += 1
                 delay = policy.delay(self.consecutive_failures)
-                if self.intensity.record(now):
+                if not stable and self.intensity.record(now):
                     if self._settings.exit_on_fatal:
                         raise WorkerFatal(
                             f"worker {self.id} failed more than {self.intensity.max_failures} "

@@ -78,7 +78,7 @@ async def test_stable_run_resets_the_delay(autojump_clock: trio.abc.Clock) -> No
         launched = launcher.of("data-0")
         starts = [w.started_at for w in launched]
         assert starts[:4] == [0.0, 0.0, 0.25, 0.75]
-        # Ran 31 s (> 30 s stable_after), then failed: restarted at once, then after 250 ms.
+        # Ran 31 s (past stable_after), then failed: restarted at once, then after 250 ms.
         assert starts[4] == 0.75 + 31.0
         assert starts[5] == starts[4] + 0.25
 

@@ -133,12 +133,14 @@ class Daemon:
 
         return wait_for(all_running, timeout)
 
-    def wait_replaced(self, worker_id: str, old_pid: int, timeout: float = 10.0) -> dict[str, Any]:
+    def wait_replaced(
+        self, worker_id: str, old_pid: int, timeout: float = 10.0, poll: float = 0.05
+    ) -> dict[str, Any]:
         def replaced() -> dict[str, Any] | None:
             w = self.workers()[worker_id]
             return w if w["state"] == "running" and w["pid"] != old_pid else None
 
-        return wait_for(replaced, timeout)
+        return wait_for(replaced, timeout, poll)
 
 
 @contextlib.contextmanager

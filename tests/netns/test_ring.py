@@ -15,6 +15,7 @@ import ctypes
 import errno
 import functools
 import json
+import os
 import select
 import socket
 import struct
@@ -42,6 +43,7 @@ from mcrelay.dataplane.relay_loop import (
 from mcrelay.dataplane.ring import RxRing
 from mcrelay.ipc.messages import CaptureSpec
 from tests.lab import topology
+from tests.lab.processes import wait_for
 
 pytestmark = [
     pytest.mark.netns,
@@ -458,3 +460,54 @@ def test_missing_interface_is_named() -> None:
     with pytest.raises(OSError, match="'nope0' does not exist") as info:
         open_capture_socket("nope0", CAPTURE_RING, fanout_group=None)
     assert info.value.errno == errno.ENODEV
+
+
+def test_a_new_reader_takes_over_the_ring_where_the_dead_one_stopped(
+    pair: Pair, closing: contextlib.ExitStack
+) -> None:
+    """The ring outlives its reader (the socket is held elsewhere, as the supervisor holds it):
+    a new reader starts at the oldest block nobody released, tells a block its predecessor
+    had half sent (relayed again) from one it had sent in full (released at once)."""
+    tx, rx = pair
+    ring_spec = msgspec.structs.replace(CAPTURE_RING, block_size=1 << 16, block_count=128)
+    (cap,) = ns_sockets(closing, rx, capture("rx0", None, ring_spec))
+
+    def reader() -> RxRing:
+        return RxRing(socket.socket(fileno=os.dup(cap.fileno())), ring_spec)
+
+    def frames_waiting() -> int | None:
+        with reader() as probe:  # nothing was begun yet: a look changes nothing
+            found = probe.take_over()
+        return found.frames if found.frames >= N else None
+
+    with sender(tx) as proc:
+        assert proc.wait(timeout=DEADLINE) == 0
+    wait_for(frames_waiting, DEADLINE)
+
+    first = reader()
+    assert first.take_over().half_sent_frames == 0
+    done = first.next_block()
+    assert done is not None
+    done.begin()
+    done.end()
+    done.release()
+    half = first.next_block()
+    assert half is not None and half.count > 0
+    half.begin()  # ... and the reader dies before it ends
+    half_seq, half_count = half.seq, half.count
+    first.close()
+
+    second = reader()
+    found = second.take_over()
+    assert (found.half_sent_frames, found.sent_blocks) == (half_count, 0)
+    again = second.next_block()
+    assert again is not None and again.seq == half_seq
+    again.begin()
+    again.end()  # sent in full, and the reader dies before it releases the block
+    second.close()
+
+    third = closing.enter_context(reader())
+    found = third.take_over()
+    assert (found.half_sent_frames, found.sent_blocks) == (0, 1)
+    following = third.next_block()
+    assert following is not None and following.seq == half_seq + 1

@@ -10,6 +10,9 @@ from tests.lab.daemon import heartbeat_timeout as lab_heartbeat_timeout
 
 STREAMS = 3
 SIZE = 512
+#: Duplicates one takeover of a data worker's rings may cause: the frames of a half-sent block,
+#: at most a whole block (128 KiB of 512-byte datagrams) per stream.
+TAKEOVER_DUPLICATES = STREAMS * 230
 IN_PORT, OUT_PORT = 5000, 5001
 SUPERVISOR_ARGS = ("--num-workers", "2", "--max-failures", "1000")
 DEFAULTS = SupervisorSettings()  # the soak's supervisor runs with these (but the two above)
@@ -38,7 +41,7 @@ SETTINGS_NOTE = (
     "supervisor: --num-workers 2 --max-failures 1000 (so the induced failures never make a "
     f"worker fatal);\nevery other setting default (heartbeat timeout "
     f"{heartbeat_timeout('control'):g} s control, {heartbeat_timeout('data'):g} s data, "
-    f"backoff {DEFAULTS.backoff.initial:g}→{DEFAULTS.backoff.maximum:g} s, "
+    f"backoff at once, then {DEFAULTS.backoff.initial:g}→{DEFAULTS.backoff.maximum:g} s, "
     f"stable-after {DEFAULTS.backoff.stable_after:g} s)"
 )
 HEARTBEAT_TIMEOUT_S = max(heartbeat_timeout("control"), heartbeat_timeout("data"))
