@@ -15,7 +15,7 @@ import typer
 
 from mcrelay.errors import McrelayError
 from mcrelay.supervisor import DEFAULTS as DAEMON
-from mcrelay.supervisor import MINIMUM, BadOption, DaemonOptions
+from mcrelay.supervisor import MAXIMUM, MINIMUM, BadOption, DaemonOptions
 from mcrelay.system import LOG_LEVELS
 
 
@@ -113,6 +113,15 @@ def supervisor_command(
         bool,
         typer.Option(help="Pin data worker i to CPU i (distinct CPUs while enough)."),
     ] = DAEMON.pin_workers,
+    capture_ring_mib: Annotated[
+        int,
+        typer.Option(
+            help="Each capture socket's ring, MiB: it holds the traffic while a data worker is "
+            "replaced (64 MiB: about 1 s, or 58,000 datagrams of 1 KiB).",
+            min=MINIMUM["capture_ring_mib"],
+            max=MAXIMUM["capture_ring_mib"],
+        ),
+    ] = DAEMON.capture_ring_mib,
     exit_on_fatal: Annotated[
         bool, typer.Option(help="Exit non-zero when a worker exceeds its restart intensity.")
     ] = DAEMON.exit_on_fatal,
@@ -190,6 +199,7 @@ def supervisor_command(
         control_user=control_user,
         unsafe_keep_worker_root=unsafe_keep_worker_root,
         pin_workers=pin_workers,
+        capture_ring_mib=capture_ring_mib,
         exit_on_fatal=exit_on_fatal,
         backoff_initial=backoff_initial,
         backoff_max=backoff_max,

@@ -125,6 +125,12 @@ class CaptureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """Bytes of the ring's mapping."""
         return self.block_size * self.block_count
 
+    @property
+    def low_rate_cover_s(self) -> float:
+        """How long the ring holds traffic nobody reads at low rates: each retire timeout
+        closes a block, however few frames it holds (high rates fill the bytes first)."""
+        return self.block_count * self.retire_ms / 1000
+
 
 class AttachCapture(_Msg, tag="attach-capture"):
     """Carries one AF_PACKET socket (one fd) bound to ``interface``, already in its fanout

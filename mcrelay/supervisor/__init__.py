@@ -5,12 +5,13 @@ of this namespace: it loads the whole daemon, and the options alone are what ``-
 """
 
 from mcrelay.supervisor.backoff import BackoffPolicy
-from mcrelay.supervisor.options import DEFAULTS, MINIMUM, BadOption, DaemonOptions
+from mcrelay.supervisor.options import DEFAULTS, MAXIMUM, MINIMUM, BadOption, DaemonOptions
 from mcrelay.supervisor.settings import DEFAULT_CONTROL_SOCKET, SupervisorSettings
 
 __all__ = [
     "DEFAULTS",
     "DEFAULT_CONTROL_SOCKET",
+    "MAXIMUM",
     "MINIMUM",
     "BackoffPolicy",
     "BadOption",

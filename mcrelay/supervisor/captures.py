@@ -8,9 +8,9 @@ interface change; the worker only maps the ring and never sets an option on the 
 The sockets belong to the worker *slot*, not to one process. When a worker dies the supervisor
 keeps them: frames go on landing in their rings (a fanout member keeps its share of the flows),
 and the replacement is handed the same sockets and relays what waited (`RxRing.take_over`). Only
-when the replacement is due later than a ring can cover (`KEEP_RINGS_FOR`: a crash loop's longer
-backoff) are they closed, so the kernel moves their share to the other workers instead of
-keeping stale frames for a worker that is not coming soon.
+when the replacement is due later than a ring can cover (`CaptureSpec.low_rate_cover_s`: a
+crash loop's longer backoff) are they closed, so the kernel moves their share to the other
+workers instead of keeping stale frames for a worker that is not coming soon.
 
 The core tells it facts (the rules are now these, this worker is starting, that one is gone,
 it comes back in so long) and never is called back: it keeps its own copy of the rules, the
@@ -33,6 +33,7 @@ import trio
 from mcrelay.dataplane import bpf, ring
 from mcrelay.dataplane.capture import CAPTURE_RING, open_capture_socket
 from mcrelay.ipc import messages as m
+from mcrelay.ipc.messages import CaptureSpec
 from mcrelay.ipc.vocabulary import RuleState
 from mcrelay.rules import Rule
 from mcrelay.supervisor.memberships import SHORTAGES, Memberships
@@ -68,9 +69,7 @@ def wanted_memberships(rules: tuple[Rule, ...]) -> set[tuple[str, str]]:
 
 #: How often joins that failed for lack of descriptors or memory are tried again, seconds.
 _SHORTAGE_RETRY = 1.0
-#: A dead worker's capture sockets are kept for a replacement due within this many seconds: about
-#: what a ring holds at low rates (`CAPTURE_RING`: 512 blocks, each closed after 2 ms at most).
-KEEP_RINGS_FOR = 1.0
+
 _RULE_STATES = {
     LinkState.UP: RuleState.ACTIVE,
     LinkState.DOWN: RuleState.PAUSED,
@@ -81,7 +80,9 @@ _RULE_STATES = {
 class KernelCaptures:
     """The capture sockets and memberships the supervisor holds for its data workers."""
 
-    def __init__(self) -> None:
+    def __init__(self, ring_spec: CaptureSpec = CAPTURE_RING) -> None:
+        #: The ring of every capture socket (``--capture-ring-mib``).
+        self.ring_spec = ring_spec
         #: The rules the plumbing follows: the table as of the last `rules_changed`.
         self._rules: tuple[Rule, ...] = ()
         #: The data workers it was told are starting, by id, until they are gone.
@@ -135,7 +136,7 @@ class KernelCaptures:
         """The slot's next worker starts in ``delay`` seconds. Longer than a ring covers: close
         its capture sockets, so the other workers take its share of the flows (the next one
         gets new sockets); the frames their rings dropped, which nobody will report."""
-        if delay <= KEEP_RINGS_FOR:
+        if delay <= self.ring_spec.low_rate_cover_s:
             return 0
         return self._release(worker_id)
 
@@ -165,6 +166,15 @@ class KernelCaptures:
         interface comes (back) up, also when it was deleted and created again between two
         looks (same name and state, new index: no event in between need have shown it absent
         or down); and retry what failed for lack of descriptors or memory."""
+        spec = self.ring_spec
+        log.info(
+            "capture rings: %d MiB per input interface and data worker (%d blocks of %d KiB): "
+            "up to %.1f s of traffic waits in them while a data worker is replaced",
+            spec.mapped_size >> 20,
+            spec.block_count,
+            spec.block_size >> 10,
+            spec.low_rate_cover_s,
+        )
         monitor = LinkMonitor()
         try:
             async with trio.open_nursery() as nursery:
@@ -312,7 +322,7 @@ class KernelCaptures:
     ) -> None:
         """Send a held capture socket to ``slot``'s worker. If that worker is gone (or going)
         the socket stays held for its replacement."""
-        message = m.AttachCapture(interface=interface, ring=CAPTURE_RING)
+        message = m.AttachCapture(interface=interface, ring=self.ring_spec)
         if provisioning:
             await slot.send_during_provisioning(message, [sock.fileno()])
         else:
@@ -326,7 +336,7 @@ class KernelCaptures:
                 group = next(self._next_fanout) & 0xFFFF
             try:
                 sock = open_capture_socket(
-                    interface, CAPTURE_RING, fanout_group=group, program=program
+                    interface, self.ring_spec, fanout_group=group, program=program
                 )
             except OSError as exc:
                 if exc.errno in (errno.EINVAL, errno.EALREADY, errno.EADDRINUSE) and (

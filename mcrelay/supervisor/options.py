@@ -35,7 +35,11 @@ MINIMUM: dict[str, int | float] = {
     "data_heartbeat_timeout": 0.05,
     "max_failures": 1,
     "failure_window": 1,
+    "capture_ring_mib": 1,
 }
+#: The largest ring per capture socket: a GiB of memory locked in the kernel per interface and
+#: data worker is already a lot.
+MAXIMUM: dict[str, int | float] = {"capture_ring_mib": 1024}
 
 
 class BadOption(McrelayError):
@@ -70,6 +74,7 @@ class DaemonOptions:
     control_user: str = _DEFAULT.control_user
     unsafe_keep_worker_root: bool = _DEFAULT.unsafe_keep_worker_root
     pin_workers: bool = _DEFAULT.pin_workers
+    capture_ring_mib: int = _DEFAULT.capture_ring_mib
     exit_on_fatal: bool = _DEFAULT.exit_on_fatal
     backoff_initial: float = _DEFAULT.backoff.initial
     backoff_max: float = _DEFAULT.backoff.maximum
@@ -86,6 +91,10 @@ class DaemonOptions:
             value = getattr(self, name)
             if value is not None and value < minimum:
                 raise BadOption(_flag(name), f"{value} is below the minimum {minimum}")
+        for name, maximum in MAXIMUM.items():
+            value = getattr(self, name)
+            if value is not None and value > maximum:
+                raise BadOption(_flag(name), f"{value} is above the maximum {maximum}")
         try:
             check_log_level(self.log_level)
         except McrelayError as exc:
@@ -118,6 +127,7 @@ class DaemonOptions:
             failure_window=self.failure_window,
             exit_on_fatal=self.exit_on_fatal,
             pin_workers=self.pin_workers,
+            capture_ring_mib=self.capture_ring_mib,
             keep_runtime_rules=self.keep_runtime_rules,
             worker_user=self.user,
             control_user=self.control_user,

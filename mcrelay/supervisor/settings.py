@@ -10,6 +10,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from mcrelay.dataplane.capture import CAPTURE_RING_MIB
 from mcrelay.policy import AccessPolicy
 from mcrelay.supervisor.backoff import BackoffPolicy
 from mcrelay.system.paths import DEFAULT_CONTROL_SOCKET
@@ -56,6 +57,8 @@ class SupervisorSettings:
     keep_runtime_rules: bool = False
     #: Pin data worker i to CPU i (modulo the CPUs this process may use).
     pin_workers: bool = False
+    #: Each capture socket's ring, MiB: what it holds while a data worker is replaced.
+    capture_ring_mib: int = CAPTURE_RING_MIB
 
     @property
     def data_heartbeat_interval(self) -> float:

@@ -14,6 +14,7 @@ from functools import partial
 import trio
 
 from mcrelay import config
+from mcrelay.dataplane.capture import capture_ring
 from mcrelay.errors import McrelayError, leaves
 from mcrelay.supervisor.captures import KernelCaptures
 from mcrelay.supervisor.launcher import SpawnerLauncher
@@ -52,7 +53,7 @@ def run(options: DaemonOptions) -> int:
                 settings,
                 launcher,
                 initial_rules=initial,
-                captures=KernelCaptures(),
+                captures=KernelCaptures(capture_ring(settings.capture_ring_mib)),
                 config_file=options.config_file,
                 store=RuleStore(options.state_dir),
                 metrics_listen=options.metrics_listen,

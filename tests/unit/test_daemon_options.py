@@ -13,6 +13,7 @@ import pytest
 import typer
 
 from mcrelay.cli import app
+from mcrelay.dataplane.capture import CAPTURE_RING, capture_ring
 from mcrelay.errors import McrelayError
 from mcrelay.policy import AccessPolicy
 from mcrelay.supervisor import DEFAULTS, BackoffPolicy, BadOption, DaemonOptions
@@ -84,6 +85,16 @@ def test_options_become_settings() -> None:
     assert DaemonOptions(heartbeat_timeout=30).settings().heartbeat_interval == (
         SupervisorSettings().heartbeat_interval
     )
+    data = DaemonOptions(data_heartbeat_timeout=0.6, capture_ring_mib=16).settings()
+    assert data.data_heartbeat_interval == pytest.approx(0.2)
+    assert data.capture_ring_mib == 16
+
+
+def test_a_capture_ring_covers_a_second_of_outage_by_default() -> None:
+    ring = capture_ring(SupervisorSettings().capture_ring_mib)
+    assert ring == CAPTURE_RING
+    assert (ring.mapped_size, ring.block_count, ring.low_rate_cover_s) == (64 << 20, 512, 1.024)
+    assert capture_ring(16).block_count == 128
 
 
 @pytest.mark.parametrize(
@@ -99,6 +110,9 @@ def test_options_become_settings() -> None:
         (DaemonOptions(heartbeat_timeout=0.01), "--heartbeat-timeout", "below the minimum"),
         (DaemonOptions(max_failures=0), "--max-failures", "below the minimum"),
         (DaemonOptions(metrics_listen="nope"), "--metrics-listen", "use ADDR:PORT"),
+        (DaemonOptions(data_heartbeat_timeout=0.01), "--data-heartbeat-timeout", "below"),
+        (DaemonOptions(capture_ring_mib=0), "--capture-ring-mib", "below the minimum 1"),
+        (DaemonOptions(capture_ring_mib=4096), "--capture-ring-mib", "above the maximum 1024"),
     ],
 )
 def test_bad_options_are_refused(options: DaemonOptions, option: str, reason: str) -> None:
