@@ -107,8 +107,9 @@ class StatsBook:
         return lowered
 
     def retire_kernel_drops(self, count: int) -> None:
-        """Frames a dead worker's rings dropped after its last report (read by the
-        supervisor from its own copy of the capture sockets)."""
+        """Frames a dead worker's rings dropped after its last report, read by the supervisor
+        when it closes the slot's capture sockets (otherwise the replacement reads and reports
+        them)."""
         self._retired.kernel_drops += count
 
     def prune(self, rules: Mapping[str, Rule]) -> None:

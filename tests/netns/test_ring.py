@@ -90,7 +90,8 @@ for seq in range(count):
 """
 )
 
-SMALL_RING = msgspec.structs.replace(CAPTURE_RING, block_size=1 << 16, block_count=32)
+# Holds all N datagrams of a test (8 MiB), so a reader starved by a loaded machine loses none.
+SMALL_RING = msgspec.structs.replace(CAPTURE_RING, block_size=1 << 16, block_count=128)
 TINY_RING = msgspec.structs.replace(SMALL_RING, block_count=4)
 
 # argv: channel fd, JSON list of specs. Sends back one descriptor per spec.

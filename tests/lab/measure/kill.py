@@ -38,8 +38,10 @@ SIZE = 1024
 IN_GROUP, IN_PORT, OUT_GROUP, OUT_PORT = "239.1.1.1", 5000, "239.2.2.2", 5001
 STREAM_S = 3.5  # a kill scenario's stream; the failure comes KILL_AT_S into it
 KILL_AT_S = 1.5
-IDLE_S = 1.0  # the sink ends this long after the last datagram (longer than today's ~0.5 s gap)
-RING_BLOCK = CAPTURE_RING.block_size // CAPTURE_RING.frame_size  # datagrams one ring block holds
+IDLE_S = 1.0  # the sink ends this long after the last datagram (longer than a takeover's gap)
+# Datagrams one ring block holds: a frame takes its tpacket3_hdr and sockaddr_ll (80 bytes with
+# alignment), Ethernet, IPv4 and UDP headers and the payload, rounded up to 16 bytes.
+RING_BLOCK = CAPTURE_RING.block_size // ((80 + 42 + SIZE + 15) // 16 * 16)
 DATA_TIMEOUT_S = heartbeat_timeout("data")
 REPEAT_KILLS, REPEAT_SPACING_S = 20, 1.0
 REPEAT_WAIT_S = 5.0  # repeat-20 gives up when the worker is not running this long after a kill
