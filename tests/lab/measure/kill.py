@@ -46,6 +46,9 @@ DATA_TIMEOUT_S = heartbeat_timeout("data")
 REPEAT_KILLS, REPEAT_SPACING_S = 20, 1.0
 REPEAT_WAIT_S = 5.0  # repeat-20 gives up when the worker is not running this long after a kill
 LATENCY_KILLS, LATENCY_STABLE_S = 20, 0.5
+_TOOK_OVER = re.compile(
+    r"took over a ring holding (\d+) frames in (\d+) blocks(?:, (\d+) of them)?"
+)
 _RESTARTS_IN = re.compile(r"worker data-0 restarts in ([0-9.]+) s")
 _SENT = re.compile(r"sent (\d+)/")
 
@@ -140,11 +143,23 @@ def kill_mid_stream(workers: int, rate: int) -> dict[str, Any]:
     with relay("--num-workers", str(workers), *pin) as (c, d), stream(c, rate, STREAM_S) as st:
         st.at(KILL_AT_S)
         victim = _carrier(d)
+        log_at = d.log.stat().st_size
         t0 = time.monotonic()
         os.kill(victim["pid"], signal.SIGKILL)
         d.wait_replaced(victim["id"], victim["pid"])
         replaced_s = time.monotonic() - t0
-        return {**st.finish(), "victim": victim["id"], "running_again_s": round(replaced_s, 3)}
+        figures = st.finish()
+        took_over = _TOOK_OVER.search(d.log.read_text()[log_at:])
+        return {
+            **figures,
+            "victim": victim["id"],
+            "running_again_s": round(replaced_s, 3),
+            # What the replacement found in the ring: the frames that waited, and those of a
+            # block the killed worker had half sent (relayed again: skipping it instead would
+            # have lost every one of them that had not left yet).
+            "waited_frames": int(took_over[1]) if took_over else 0,
+            "half_sent_frames": int(took_over[3] or 0) if took_over else 0,
+        }
 
 
 def stop_mid_stream() -> dict[str, Any]:
