@@ -31,9 +31,18 @@ async def _greet(channel: FrameChannel, worker: FakeWorker) -> None:
 
 async def healthy(channel: FrameChannel, worker: FakeWorker) -> int:
     """The real data worker loop: acks rules, answers heartbeats, exits 0 on Stop."""
+    return await _serve(channel, worker)
+
+
+async def _serve(
+    channel: FrameChannel, worker: FakeWorker, adapt: Callable[[DataWorker], None] | None = None
+) -> int:
+    """`healthy`, with the data worker changed by ``adapt`` before it serves."""
     await _greet(channel, worker)
     data = DataWorker(channel, worker.spec.worker_id)
     worker.impl = data
+    if adapt is not None:
+        adapt(data)
     try:
         async with trio.open_nursery() as nursery:
             await data.run(nursery)
@@ -89,10 +98,7 @@ def slow_rules(seconds: float) -> Behaviour:
     """Healthy, but every rule update after the first set keeps its message loop busy for
     ``seconds`` before it is acknowledged (as a large table does): heartbeats wait behind it."""
 
-    async def behaviour(channel: FrameChannel, worker: FakeWorker) -> int:
-        await _greet(channel, worker)
-        data = DataWorker(channel, worker.spec.worker_id)
-        worker.impl = data
+    def slowed(data: DataWorker) -> None:
         real_handle = data.handle
 
         async def handle(message: object) -> None:
@@ -101,14 +107,9 @@ def slow_rules(seconds: float) -> Behaviour:
             await real_handle(message)
 
         data.handle = handle  # type: ignore[method-assign]
-        try:
-            async with trio.open_nursery() as nursery:
-                await data.run(nursery)
-                await obey(channel, data, hang=False)
-                nursery.cancel_scope.cancel()
-        finally:
-            data.close()
-        return 0
+
+    async def behaviour(channel: FrameChannel, worker: FakeWorker) -> int:
+        return await _serve(channel, worker, slowed)
 
     return behaviour
 
