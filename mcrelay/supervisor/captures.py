@@ -226,6 +226,14 @@ class KernelCaptures:
         if state is LinkState.DOWN:
             log.warning("input interface %s is down: its rules are paused", interface)
             return
+        back_up = before is not None and before.state is LinkState.DOWN and state is LinkState.UP
+        if back_up and before is not None and before.ifindex == now.ifindex:
+            # The same interface back up: the kernel hooks its capture sockets up again (and
+            # keeps its group memberships), so they and what waits in their rings are kept;
+            # only workers that hold none for it get one.
+            log.info("input interface %s is up again: capturing", interface)
+            await self._attach_missing(interface, slots, rules)
+            return
         self.memberships.forget(interface)
         for worker_id in list(self._held):
             await self._detach(worker_id, interface)
@@ -239,9 +247,17 @@ class KernelCaptures:
             )  # fmt: skip
         else:
             log.info("input interface %s is up: capturing", interface)
+        await self._attach_missing(interface, slots, rules)
+
+    async def _attach_missing(
+        self, interface: str, slots: list[WorkerSlot], rules: tuple[Rule, ...]
+    ) -> None:
+        """Join the groups of ``rules`` and give each of ``slots`` that holds no capture socket
+        on ``interface`` one."""
         self._join(rules)
         for slot in slots:
-            await self._attach(slot, interface, rules, provisioning=False)
+            if interface not in self._held.get(slot.id, {}):
+                await self._attach(slot, interface, rules, provisioning=False)
 
     async def rules_changed(self, rules: tuple[Rule, ...]) -> None:
         """The table is now ``rules``: join/leave groups, refresh filters in place, and open or

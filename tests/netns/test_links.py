@@ -44,11 +44,16 @@ def test_rule_follows_its_interface(chain: topology.Chain, tmp_path: Path) -> No
         wait_for(lambda: state(d) == "active")
         assert relayed(chain) == 1000
 
+        # One capture socket per data worker (each says so once it has mapped its ring).
+        captures = wait_for(lambda: d.log.read_text().count("capturing on rin9") == 2 and 2)
         chain.relay.ip("link", "set", "rin9", "down")
         wait_for(lambda: state(d) == "paused")
         chain.relay.ip("link", "set", "rin9", "up")
         wait_for(lambda: state(d) == "active")
         assert relayed(chain) == 1000
+        # The same interface back: its capture sockets (and what waits in their rings) are kept.
+        assert "input interface rin9 is up again: capturing" in d.log.read_text()
+        assert d.log.read_text().count("capturing on rin9") == captures
 
         chain.gen.ip("link", "del", "gen9")  # takes its peer rin9 with it
         wait_for(lambda: state(d) == "unresolved")
