@@ -1,7 +1,9 @@
 """The data-plane worker: holds the rule set the supervisor gave it and relays packets.
 
 Per capture socket (one per input interface, passed by the supervisor) it maps a TPACKET_V3 ring
-and relays each retired block in one pass (``relay_loop``). The socket's kernel filter and ring
+and relays each retired block in one pass (``relay_loop``). A ring may come from a worker that
+died: the supervisor keeps the socket, so this worker takes the ring over (`RxRing.take_over`) and
+relays what waited in it, once it holds its first rule set. The socket's kernel filter and ring
 are the supervisor's: the worker never sets an option on a capture socket (it only maps the ring
 and reads its statistics), and its process forbids itself to at start (`mcrelay.system.seccomp`),
 so code that takes the worker over cannot detach the filter either. Rules become per-interface
