@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 from mcrelay.dataplane import bpf
 from mcrelay.dataplane import ring as ring_mod
+from mcrelay.dataplane.ring_size import CAPTURE_RING
 from mcrelay.ipc.messages import CaptureSpec
 from mcrelay.system import netlink
 from mcrelay.system.linux import (
@@ -46,34 +47,8 @@ from mcrelay.system.linux import (
     set_buffer,
 )
 
-__all__ = ["CAPTURE_RING", "CAPTURE_RING_MIB", "capture_ring", "open_capture_socket"]
+__all__ = ["CAPTURE_RING", "open_capture_socket"]
 
-#: A capture ring's blocks: one is handed over when full or after 2 ms, whichever comes first.
-CAPTURE_BLOCK_BYTES = 1 << 17
-CAPTURE_RETIRE_MS = 2
-#: The default ring size (``--capture-ring-mib``).
-CAPTURE_RING_MIB = 64
-
-
-def capture_ring(mib: int = CAPTURE_RING_MIB) -> CaptureSpec:
-    """The ring of every capture socket: ``mib`` MiB in blocks of 128 KiB.
-
-    It also holds what arrives while no worker reads it (a worker died and its replacement is
-    starting). Every retire timeout closes a block however few frames it holds, so at low rates
-    the ring covers ``blocks x 2 ms`` (`CaptureSpec.low_rate_cover_s`: 1 s for 64 MiB), and at
-    high rates its bytes: 64 MiB hold about 58,000 frames of 1 KiB datagrams (0.58 s at
-    100k pps). docs/architecture.md § "A data worker's death" has the table. The only place
-    these values are written; the worker gets them with the socket.
-    """
-    return CaptureSpec(
-        block_size=CAPTURE_BLOCK_BYTES,
-        block_count=(mib << 20) // CAPTURE_BLOCK_BYTES,
-        frame_size=2048,
-        retire_ms=CAPTURE_RETIRE_MS,
-    )
-
-
-CAPTURE_RING = capture_ring()
 
 # Only frames queued between bind and ring setup use this: with a TPACKET_V3 ring the kernel
 # writes into the ring and never charges the receive buffer.

@@ -204,7 +204,7 @@ class RxRing:
 
     The ring is already on the socket, installed with `configure` from the same `spec` (by the
     supervisor, before bind): this only maps it, so a data worker never sets an option on a
-    capture socket: `mcrelay.dataplane.capture.CAPTURE_RING` says how much it holds. A block is
+    capture socket: `mcrelay.dataplane.ring_size.CAPTURE_RING` says how much it holds. A block is
     handed over when full or after its retire timeout, so a lone frame waits at most that long
     (rounded up to a jiffy on kernels whose retire timer is jiffy based).
     """
@@ -244,25 +244,21 @@ class RxRing:
         When nothing is held the kernel's current block is unknown here; `next_block` then
         finds nothing when the socket polls readable, and `resync` points it at the block.
         """
-        held = self._held()
-        blocks = frames = half_sent = sent = 0
-        first = True
-        for _seq, index in held:
-            block = Block(self, index, index * self.block_size)
-            progress = block.progress()
-            if first and progress is BlockProgress.SENT:
-                block.release()  # only the release was missing
-                sent += 1
-                continue
-            first = False
-            blocks += 1
-            frames += block.count
-            if progress is BlockProgress.HALF_SENT:
-                half_sent += block.count
-        remaining = [index for _seq, index in held[sent:]]
-        if remaining:
-            self._next = remaining[0]
-        return Takeover(blocks, frames, half_sent, sent)
+        held = [index for _seq, index in self._held()]
+        if not held:
+            return Takeover(0, 0, 0, 0)
+        # Blocks are begun and released in ring order: only the oldest can have been begun.
+        oldest = Block(self, held[0], held[0] * self.block_size)
+        progress = oldest.progress()
+        sent = 0
+        if progress is BlockProgress.SENT:
+            oldest.release()  # only the release was missing
+            held, sent = held[1:], 1
+        half_sent = oldest.count if progress is BlockProgress.HALF_SENT else 0
+        frames = sum(Block(self, index, index * self.block_size).count for index in held)
+        if held:
+            self._next = held[0]
+        return Takeover(len(held), frames, half_sent, sent)
 
     def _held(self) -> list[tuple[int, int]]:
         """(seq, index) of every block user space holds, oldest first."""

@@ -111,7 +111,7 @@ class CaptureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     The supervisor installs the ring before bind (`mcrelay.dataplane.ring.configure`) and sends
     the same spec with the socket, so the worker maps exactly what is there: one set of values
-    (`mcrelay.dataplane.capture.CAPTURE_RING`), not two that must agree. The kernel filter is
+    (`mcrelay.dataplane.ring_size.CAPTURE_RING`), not two that must agree. The kernel filter is
     not part of it: it stays the supervisor's, replaced in place while the worker holds the
     socket, and the worker may never touch it."""
 

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from mcrelay.dataplane.capture import CAPTURE_RING_MIB
+from mcrelay.dataplane.ring_size import CAPTURE_RING_MIB
 from mcrelay.policy import AccessPolicy
 from mcrelay.supervisor.backoff import BackoffPolicy
 from mcrelay.system.paths import DEFAULT_CONTROL_SOCKET

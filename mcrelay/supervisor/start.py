@@ -14,7 +14,7 @@ from functools import partial
 import trio
 
 from mcrelay import config
-from mcrelay.dataplane.capture import capture_ring
+from mcrelay.dataplane.ring_size import capture_ring
 from mcrelay.errors import McrelayError, leaves
 from mcrelay.supervisor.captures import KernelCaptures
 from mcrelay.supervisor.launcher import SpawnerLauncher

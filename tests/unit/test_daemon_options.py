@@ -13,7 +13,7 @@ import pytest
 import typer
 
 from mcrelay.cli import app
-from mcrelay.dataplane.capture import CAPTURE_RING, capture_ring
+from mcrelay.dataplane.ring_size import CAPTURE_RING, capture_ring
 from mcrelay.errors import McrelayError
 from mcrelay.policy import AccessPolicy
 from mcrelay.supervisor import DEFAULTS, BackoffPolicy, BadOption, DaemonOptions
